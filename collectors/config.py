@@ -1,0 +1,330 @@
+"""The TOML configuration: one typed model, validated with one-line errors that name the value.
+
+The file is optional. Its path comes from ``--config`` or ``TOKENTOP_CONFIG``, else the platform's
+user config folder. Secrets are never stored in it: a provider section names the environment
+variable that holds the key.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any
+
+import platformdirs
+
+from pricing.book import ModelPriceOverride, PricingConfig
+from pricing.gpu import GpuRate
+
+APP = "tokentop"
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message is one line naming the value."""
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderConfig:
+    """One provider's admin API source."""
+
+    name: str
+    enabled: bool | None = None
+    """``None``: enabled when the key variable is set."""
+    key_env: str = ""
+    """Environment variable holding the admin key (the key itself never goes in the file)."""
+    base_url: str = ""
+    """Override of the API base URL (also ``TOKENTOP_<NAME>_BASE_URL``)."""
+    interval_s: float = 60.0
+    """Seconds between polls; Anthropic asks for no more than one a minute sustained."""
+    backfill_hours: float = 24.0
+    """History read on first start, at most 30 days."""
+    costs: bool = True
+    """Also poll the daily billed cost endpoint."""
+
+    @property
+    def key(self) -> str:
+        """The key from the environment, or ``""``."""
+        return os.environ.get(self.key_env, "")
+
+
+@dataclass(frozen=True, slots=True)
+class InferenceEndpoint:
+    """An inference server's Prometheus endpoint (``[[inference]]`` tables)."""
+
+    url: str
+    kind: str = ""
+    """``vllm``, ``sglang``, ``tgi``, ``llamacpp``, ``triton``; detected when empty."""
+    gpus: tuple[int, ...] = ()
+    """GPU indices it runs on; empty means all."""
+    name: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """Everything the config file can say. Every field has a default."""
+
+    path: Path | None = None
+    budget_daily_usd: Decimal | None = None
+    """Daily budget for the Spend pane's bar and runway."""
+    budget_monthly_usd: Decimal | None = None
+    """Monthly budget."""
+    refresh_s: float = 1.0
+    """How often the panes re-query the store."""
+    pricing: PricingConfig = field(default_factory=PricingConfig)
+    openai: ProviderConfig = field(
+        default_factory=lambda: ProviderConfig(name="openai", key_env="OPENAI_ADMIN_KEY")
+    )
+    anthropic: ProviderConfig = field(
+        default_factory=lambda: ProviderConfig(name="anthropic", key_env="ANTHROPIC_ADMIN_KEY")
+    )
+    gpu_rates: tuple[GpuRate, ...] = ()
+    nvml: bool | None = None
+    """``None``: try NVML and say plainly when it is missing."""
+    gpu_interval_s: float = 5.0
+    inference: tuple[InferenceEndpoint, ...] = ()
+    compare_to: str = "gpt-4o-mini"
+    """API model whose price the GPU pane compares self-hosting with."""
+
+
+def default_config_path() -> Path:
+    """``TOKENTOP_CONFIG`` or the platform's user config folder."""
+    env = os.environ.get("TOKENTOP_CONFIG")
+    if env:
+        return Path(env)
+    return Path(platformdirs.user_config_dir(APP)) / "config.toml"
+
+
+def default_db_path(demo: bool = False) -> Path:
+    """``TOKENTOP_DB`` (not for the demo) or the platform's user data folder."""
+    env = os.environ.get("TOKENTOP_DB")
+    if env and not demo:
+        return Path(env)
+    name = "demo.db" if demo else "tokentop.db"
+    return Path(platformdirs.user_data_dir(APP)) / name
+
+
+def load_config(path: Path | None, *, explicit: bool = False) -> Config:
+    """Read and validate the config file.
+
+    A missing file gives the defaults unless it was named explicitly (``--config`` or
+    ``TOKENTOP_CONFIG``), which is an error.
+    """
+    if path is None:
+        path = default_config_path()
+        explicit = explicit or "TOKENTOP_CONFIG" in os.environ
+    if not path.exists():
+        if explicit:
+            raise ConfigError(f"config file not found: {path}")
+        return Config()
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path} cannot be read: {exc}") from None
+    return parse_config(raw, path)
+
+
+def parse_config(raw: dict[str, Any], path: Path | None = None) -> Config:
+    """Validate a parsed TOML document into a :class:`Config`."""
+    where = str(path) if path else "config"
+    known = {
+        "budget_daily_usd",
+        "budget_monthly_usd",
+        "refresh_s",
+        "pricing",
+        "openai",
+        "anthropic",
+        "gpu",
+        "nvml",
+        "gpu_interval_s",
+        "inference",
+        "compare_to",
+    }
+    for key in raw:
+        if key not in known:
+            raise ConfigError(f"{where}: unknown setting {key!r}")
+    return Config(
+        path=path,
+        budget_daily_usd=_money(raw, "budget_daily_usd", where),
+        budget_monthly_usd=_money(raw, "budget_monthly_usd", where),
+        refresh_s=_positive(raw, "refresh_s", where, 1.0),
+        pricing=_pricing(raw.get("pricing", {}), where),
+        openai=_provider(raw.get("openai", {}), "openai", "OPENAI_ADMIN_KEY", where),
+        anthropic=_provider(raw.get("anthropic", {}), "anthropic", "ANTHROPIC_ADMIN_KEY", where),
+        gpu_rates=tuple(_gpu_rate(t, where) for t in _tables(raw, "gpu", where)),
+        nvml=_opt_bool(raw, "nvml", where),
+        gpu_interval_s=_positive(raw, "gpu_interval_s", where, 5.0),
+        inference=tuple(_endpoint(t, where) for t in _tables(raw, "inference", where)),
+        compare_to=_str(raw, "compare_to", where, "gpt-4o-mini"),
+    )
+
+
+def _tables(raw: dict[str, Any], key: str, where: str) -> list[dict[str, Any]]:
+    value = raw.get(key, [])
+    if isinstance(value, dict):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
+        raise ConfigError(f"{where}: {key} must be a table or an array of tables, got {value!r}")
+    return value
+
+
+def _decimal(value: Any, name: str, where: str) -> Decimal:
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ConfigError(f"{where}: {name} must be a number, got {value!r}")
+    try:
+        result = Decimal(str(value))
+    except InvalidOperation:
+        raise ConfigError(f"{where}: {name} must be a number, got {value!r}") from None
+    if not result.is_finite() or result < 0:
+        raise ConfigError(f"{where}: {name} must be a non-negative number, got {value!r}")
+    return result
+
+
+def _money(raw: dict[str, Any], key: str, where: str) -> Decimal | None:
+    if key not in raw:
+        return None
+    return _decimal(raw[key], key, where)
+
+
+def _positive(raw: dict[str, Any], key: str, where: str, default: float) -> float:
+    if key not in raw:
+        return default
+    value = raw[key]
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise ConfigError(f"{where}: {key} must be a positive number, got {value!r}")
+    return float(value)
+
+
+def _str(raw: dict[str, Any], key: str, where: str, default: str) -> str:
+    value = raw.get(key, default)
+    if not isinstance(value, str):
+        raise ConfigError(f"{where}: {key} must be a string, got {value!r}")
+    return value
+
+
+def _opt_bool(raw: dict[str, Any], key: str, where: str) -> bool | None:
+    if key not in raw:
+        return None
+    value = raw[key]
+    if not isinstance(value, bool):
+        raise ConfigError(f"{where}: {key} must be true or false, got {value!r}")
+    return value
+
+
+def _date(value: Any, name: str, where: str) -> datetime:
+    if isinstance(value, datetime):
+        return value if value.tzinfo else value.replace(tzinfo=UTC)
+    if isinstance(value, date):
+        return datetime(value.year, value.month, value.day, tzinfo=UTC)
+    if isinstance(value, str):
+        try:
+            parsed = datetime.fromisoformat(value)
+        except ValueError:
+            raise ConfigError(f"{where}: {name} is not a date: {value!r}") from None
+        return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    raise ConfigError(f"{where}: {name} is not a date: {value!r}")
+
+
+def _pricing(raw: Any, where: str) -> PricingConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: pricing must be a table, got {raw!r}")
+    models = []
+    for i, table in enumerate(_tables(raw, "model", where)):
+        name = f"pricing.model[{i}]"
+        for required in ("model", "input_per_mtok", "output_per_mtok"):
+            if required not in table:
+                raise ConfigError(f"{where}: {name} needs {required!r}")
+        if not isinstance(table["model"], str) or not table["model"]:
+            raise ConfigError(f"{where}: {name}.model must be a name, got {table['model']!r}")
+
+        def opt(key: str, table: dict[str, Any] = table, name: str = name) -> Decimal | None:
+            return _decimal(table[key], f"{name}.{key}", where) if key in table else None
+
+        models.append(
+            ModelPriceOverride(
+                provider=str(table.get("provider", "")),
+                model=table["model"],
+                input_per_mtok=_decimal(table["input_per_mtok"], f"{name}.input_per_mtok", where),
+                output_per_mtok=_decimal(
+                    table["output_per_mtok"], f"{name}.output_per_mtok", where
+                ),
+                cache_read_per_mtok=opt("cache_read_per_mtok"),
+                cache_write_per_mtok=opt("cache_write_per_mtok"),
+                cache_write_1h_per_mtok=opt("cache_write_1h_per_mtok"),
+                web_search_per_k=opt("web_search_per_k"),
+                effective=_date(table.get("effective", "1970-01-01"), f"{name}.effective", where),
+            )
+        )
+    discounts_raw = raw.get("discount", {})
+    if not isinstance(discounts_raw, dict):
+        raise ConfigError(f"{where}: pricing.discount must be a table, got {discounts_raw!r}")
+    discounts = {}
+    for provider, value in discounts_raw.items():
+        fraction = _decimal(value, f"pricing.discount.{provider}", where)
+        if fraction >= 1:
+            raise ConfigError(
+                f"{where}: pricing.discount.{provider} is a fraction below 1, got {value!r}"
+            )
+        discounts[provider] = fraction
+    return PricingConfig(models=tuple(models), discounts=discounts)
+
+
+def _provider(raw: Any, name: str, key_env: str, where: str) -> ProviderConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: {name} must be a table, got {raw!r}")
+    backfill = _positive(raw, "backfill_hours", where, 24.0)
+    if backfill > 24 * 30:
+        raise ConfigError(
+            f"{where}: {name}.backfill_hours is at most 720 (30 days), got {backfill}"
+        )
+    base_url = _str(raw, "base_url", where, "")
+    if base_url and not base_url.startswith(("http://", "https://")):
+        raise ConfigError(f"{where}: {name}.base_url must be an http(s) URL, got {base_url!r}")
+    return ProviderConfig(
+        name=name,
+        enabled=_opt_bool(raw, "enabled", where),
+        key_env=_str(raw, "key_env", where, key_env),
+        base_url=base_url,
+        interval_s=_positive(raw, "interval_s", where, 60.0),
+        backfill_hours=backfill,
+        costs=bool(_opt_bool(raw, "costs", where) if "costs" in raw else True),
+    )
+
+
+def _gpu_rate(raw: dict[str, Any], where: str) -> GpuRate:
+    mode = raw.get("mode", "rented")
+    if mode not in ("rented", "owned"):
+        raise ConfigError(f"{where}: gpu.mode must be 'rented' or 'owned', got {mode!r}")
+    if "usd_per_hour" not in raw:
+        raise ConfigError(f"{where}: a [[gpu]] table needs usd_per_hour")
+    return GpuRate(
+        match=_str(raw, "match", where, "*"),
+        usd_per_hour=_decimal(raw["usd_per_hour"], "gpu.usd_per_hour", where),
+        mode=mode,
+        usd_per_kwh=_decimal(raw.get("usd_per_kwh", "0.10"), "gpu.usd_per_kwh", where),
+        pue=_decimal(raw.get("pue", "1.5"), "gpu.pue", where),
+    )
+
+
+def _endpoint(raw: dict[str, Any], where: str) -> InferenceEndpoint:
+    url = raw.get("url")
+    if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+        raise ConfigError(f"{where}: inference.url must be an http(s) URL, got {url!r}")
+    gpus = raw.get("gpus", [])
+    if not isinstance(gpus, list) or not all(
+        isinstance(g, int) and not isinstance(g, bool) and g >= 0 for g in gpus
+    ):
+        raise ConfigError(f"{where}: inference.gpus must be a list of GPU indices, got {gpus!r}")
+    kind = _str(raw, "kind", where, "")
+    if kind and kind not in ("vllm", "sglang", "tgi", "llamacpp", "triton"):
+        raise ConfigError(
+            f"{where}: inference.kind {kind!r} is not one of vllm, sglang, tgi, llamacpp, triton"
+        )
+    return InferenceEndpoint(
+        url=url, kind=kind, gpus=tuple(gpus), name=_str(raw, "name", where, "")
+    )

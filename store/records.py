@@ -1,0 +1,227 @@
+"""Typed records that collectors produce and the store writes.
+
+The store owns these types because it owns their schema; collectors and panes import them from
+here. Money is integer nano-dollars (``1 USD == 1_000_000_000``); time is timezone-aware UTC.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import ROUND_HALF_EVEN, Decimal
+
+NANO_PER_USD = 1_000_000_000
+
+USAGE_DIMENSIONS: tuple[str, ...] = (
+    "project",
+    "api_key",
+    "workspace",
+    "tag",
+    "service_tier",
+    "batch",
+    "context_window",
+)
+"""Group-by dimensions of a usage bucket besides source, provider, model, start and width.
+
+An absent dimension is stored as ``""`` (never NULL) so that it takes part in the unique key.
+"""
+
+TOKEN_KINDS: tuple[str, ...] = (
+    "input_uncached",
+    "cache_read",
+    "cache_write_5m",
+    "cache_write_1h",
+    "output",
+)
+"""Token kinds priced separately, stored as integer columns of the same names."""
+
+
+def usd_to_nano(value: Decimal) -> int:
+    """Exact USD (Decimal) to integer nano-dollars, rounding half to even."""
+    return int((value * NANO_PER_USD).quantize(Decimal(1), rounding=ROUND_HALF_EVEN))
+
+
+def nano_to_usd(value: int) -> Decimal:
+    """Integer nano-dollars to exact USD."""
+    return Decimal(value) / NANO_PER_USD
+
+
+def to_epoch(when: datetime) -> int:
+    """UTC-aware datetime to integer Unix seconds; naive datetimes are refused."""
+    if when.tzinfo is None:
+        raise ValueError(f"naive datetime {when!r}: tokentop keeps time in UTC")
+    return int(when.timestamp())
+
+
+def from_epoch(seconds: float) -> datetime:
+    """Unix seconds to a UTC-aware datetime."""
+    return datetime.fromtimestamp(seconds, tz=UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class UsageBucket:
+    """Token usage of one model in one time bucket, for one combination of dimensions.
+
+    ``input_uncached`` excludes cache reads and cache writes; the total input of the bucket is
+    :attr:`input_total`. ``cost_nano`` and ``price_ref`` are filled in by the price book
+    (``priced`` False means the model had no price and the cost is unknown, not zero).
+    """
+
+    source: str
+    provider: str
+    model: str
+    start: datetime
+    width_s: int = 60
+    project: str = ""
+    api_key: str = ""
+    workspace: str = ""
+    tag: str = ""
+    service_tier: str = ""
+    batch: str = ""
+    context_window: str = ""
+    input_uncached: int = 0
+    cache_read: int = 0
+    cache_write_5m: int = 0
+    cache_write_1h: int = 0
+    output: int = 0
+    requests: int = 0
+    web_searches: int = 0
+    cost_nano: int = 0
+    priced: bool = False
+    price_ref: str = ""
+
+    @property
+    def input_total(self) -> int:
+        """All input tokens: uncached, cache reads and both kinds of cache write."""
+        return self.input_uncached + self.cache_read + self.cache_write_5m + self.cache_write_1h
+
+    @property
+    def end(self) -> datetime:
+        """Exclusive end of the bucket."""
+        return from_epoch(to_epoch(self.start) + self.width_s)
+
+
+@dataclass(frozen=True, slots=True)
+class UsageWindow:
+    """A poll's statement that it read every bucket of ``width_s`` in ``[start, end)``.
+
+    The store deletes that source's buckets of that width in the window before writing the new
+    ones, so a bucket that was revised away (a group that disappeared) does not linger.
+    """
+
+    source: str
+    width_s: int
+    start: datetime
+    end: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class BilledCost:
+    """A provider's billed cost for one UTC day and line (from a cost endpoint)."""
+
+    source: str
+    provider: str
+    day: datetime
+    amount_nano: int
+    project: str = ""
+    line_item: str = ""
+    workspace: str = ""
+    currency: str = "usd"
+
+
+@dataclass(frozen=True, slots=True)
+class GpuSample:
+    """One GPU (or MIG instance) over one sampling interval ending at ``ts``.
+
+    ``cost_nano`` is the cost of the interval under the GPU cost model; ``idle_cost_nano`` the part
+    of it spent while the GPU served nothing. Optional readings are ``None`` when not available.
+    """
+
+    source: str
+    device: str
+    ts: datetime
+    interval_s: float
+    name: str = ""
+    index: int = 0
+    util_pct: float | None = None
+    mem_used_bytes: int | None = None
+    mem_total_bytes: int | None = None
+    power_mw: int | None = None
+    energy_mj: int | None = None
+    temp_c: int | None = None
+    cost_nano: int = 0
+    idle_cost_nano: int = 0
+    cost_ref: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class InferenceSample:
+    """Counter deltas of one inference endpoint over one interval ending at ``ts``."""
+
+    source: str
+    endpoint: str
+    ts: datetime
+    interval_s: float
+    kind: str = ""
+    requests: int = 0
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    devices: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class MeteredRequest:
+    """One request observed by the per-request meter (proxy, httpx hook or pytest plugin)."""
+
+    ts: datetime
+    provider: str
+    model: str
+    source: str = "meter"
+    request_id: str = ""
+    input_uncached: int = 0
+    cache_read: int = 0
+    cache_write_5m: int = 0
+    cache_write_1h: int = 0
+    output: int = 0
+    web_searches: int = 0
+    cost_nano: int = 0
+    priced: bool = False
+    price_ref: str = ""
+    latency_ms: float = 0.0
+    status: int = 200
+    tag: str = ""
+    estimated: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class SourceHealth:
+    """How one source is doing, as the runner recorded it."""
+
+    name: str
+    kind: str
+    state: str = "starting"
+    last_success: datetime | None = None
+    last_error: str = ""
+    last_error_at: datetime | None = None
+    lag_s: float | None = None
+    calls: int = 0
+    calls_last_hour: int = 0
+    watermark: datetime | None = None
+    detail: str = ""
+    newest_data: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """What one poll of one source produced; written by the store in one transaction."""
+
+    usage: tuple[UsageBucket, ...] = ()
+    windows: tuple[UsageWindow, ...] = ()
+    billed: tuple[BilledCost, ...] = ()
+    billed_days: tuple[tuple[str, datetime, datetime], ...] = ()
+    gpu: tuple[GpuSample, ...] = ()
+    inference: tuple[InferenceSample, ...] = ()
+    requests: tuple[MeteredRequest, ...] = ()
+    watermark: datetime | None = None
+    progress: float | None = None
+    extra: dict[str, str] = field(default_factory=dict)

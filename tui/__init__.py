@@ -1,0 +1,1 @@
+"""tokentop: tui."""
