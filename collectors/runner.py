@@ -1,0 +1,296 @@
+"""The runner: polls every collector on its own interval, prices usage, writes the store.
+
+Each source runs a chained loop: the next poll is scheduled when the last one finishes, so polls
+of one source never overlap and a slow source stretches only its own cycle. Failures back off
+exponentially with jitter (a 429's ``Retry-After`` is honoured; refused credentials wait long and
+say so). No failure of a source stops the runner or another source. Store writes and pricing run
+in a worker thread, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import random
+from collections.abc import Callable, Sequence
+from datetime import datetime, timedelta
+
+from collectors.base import Clock, Collector, PollContext, SourceError, utcnow
+from pricing.book import PriceBook, TokenCounts
+from store.db import Store
+from store.records import Batch, MeteredRequest, SourceHealth, UsageBucket, usd_to_nano
+
+log = logging.getLogger("tokentop.runner")
+
+ProgressHook = Callable[[str, float], None]
+"""Called with a source name and the fraction of its backfill done."""
+
+
+def price_usage(book: PriceBook, bucket: UsageBucket) -> UsageBucket:
+    """The bucket with its cost filled in at the prices in force at its start."""
+    if bucket.priced or bucket.price_ref:
+        return bucket
+    quote = book.quote(
+        bucket.provider,
+        bucket.model,
+        TokenCounts(
+            bucket.input_uncached,
+            bucket.cache_read,
+            bucket.cache_write_5m,
+            bucket.cache_write_1h,
+            bucket.output,
+            bucket.web_searches,
+        ),
+        bucket.start,
+    )
+    return dataclasses.replace(
+        bucket,
+        cost_nano=usd_to_nano(quote.cost) if quote.cost is not None else 0,
+        priced=quote.priced,
+        price_ref=quote.price_ref,
+    )
+
+
+def price_request(book: PriceBook, request: MeteredRequest) -> MeteredRequest:
+    """A metered request with its cost filled in."""
+    if request.priced or request.price_ref:
+        return request
+    quote = book.quote(
+        request.provider,
+        request.model,
+        TokenCounts(
+            request.input_uncached,
+            request.cache_read,
+            request.cache_write_5m,
+            request.cache_write_1h,
+            request.output,
+            request.web_searches,
+        ),
+        request.ts,
+    )
+    return dataclasses.replace(
+        request,
+        cost_nano=usd_to_nano(quote.cost) if quote.cost is not None else 0,
+        priced=quote.priced,
+        price_ref=quote.price_ref,
+    )
+
+
+def price_batch(book: PriceBook, batch: Batch) -> Batch:
+    """Price every usage bucket and metered request of a batch."""
+    if not batch.usage and not batch.requests:
+        return batch
+    return dataclasses.replace(
+        batch,
+        usage=tuple(price_usage(book, b) for b in batch.usage),
+        requests=tuple(price_request(book, r) for r in batch.requests),
+    )
+
+
+def _newest(batch: Batch) -> datetime | None:
+    times: list[datetime] = [b.end for b in batch.usage]
+    times += [g.ts for g in batch.gpu] + [i.ts for i in batch.inference]
+    times += [r.ts for r in batch.requests]
+    return max(times, default=None)
+
+
+class Runner:
+    """Schedules collectors, prices what they return and writes it to the store.
+
+    Args:
+        store: the writer's store connection.
+        collectors: the sources, each with a unique ``name``.
+        book: the price book for usage records.
+        clock: injected time source.
+        backfill: how far back a source's first start reads.
+        on_progress: called as backfills advance (for a progress bar).
+        max_backoff_s: ceiling of the delay after repeated failures.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        collectors: Sequence[Collector],
+        book: PriceBook,
+        *,
+        clock: Clock = utcnow,
+        backfill: timedelta = timedelta(hours=24),
+        on_progress: ProgressHook | None = None,
+        max_backoff_s: float = 600.0,
+    ) -> None:
+        names = [c.name for c in collectors]
+        if len(set(names)) != len(names):
+            raise ValueError(f"source names must be unique, got {names}")
+        self.store = store
+        self.collectors = list(collectors)
+        self.book = book
+        self.clock = clock
+        self.backfill = backfill
+        self.on_progress = on_progress
+        self.max_backoff_s = max_backoff_s
+        self.failures: dict[str, int] = {}
+        self._retry_after: dict[str, float | None] = {}
+        self._watermarks: dict[str, datetime | None] = {}
+        self._stopped = False
+        self._stop: asyncio.Event | None = None
+
+    def stop(self) -> None:
+        """Ask :meth:`run` to finish: in-flight polls complete and are written first."""
+        self._stopped = True
+        if self._stop is not None:
+            self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        """Whether :meth:`stop` was called."""
+        return self._stopped
+
+    async def run(self) -> None:
+        """Poll every source on its own interval until :meth:`stop`."""
+        self._stop = stop = asyncio.Event()
+        if self._stopped:
+            stop.set()
+        tasks = [asyncio.create_task(self._loop(c), name=f"poll-{c.name}") for c in self.collectors]
+        try:
+            await stop.wait()
+        finally:
+            stop.set()
+            # Loops notice the stop between polls; a poll in flight gets a grace period to land
+            # its batch, then is cancelled.
+            _done, pending = await asyncio.wait(tasks, timeout=5.0)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await self.aclose()
+
+    async def run_once(self) -> dict[str, bool]:
+        """Poll every source once, concurrently; returns which succeeded."""
+        results = await asyncio.gather(*(self.poll(c) for c in self.collectors))
+        return {c.name: ok for c, ok in zip(self.collectors, results, strict=True)}
+
+    async def aclose(self) -> None:
+        """Close every collector."""
+        for c in self.collectors:
+            try:
+                await c.aclose()
+            except Exception:
+                log.exception("closing %s failed", c.name)
+
+    async def _loop(self, collector: Collector) -> None:
+        loop = asyncio.get_running_loop()
+        stop = self._stop
+        assert stop is not None
+        while not stop.is_set():
+            started = loop.time()
+            await self.poll(collector)
+            delay = self.next_delay(collector) - (loop.time() - started)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=max(0.0, delay))
+
+    def next_delay(self, collector: Collector) -> float:
+        """Seconds from the start of the last poll to the next one."""
+        failures = self.failures.get(collector.name, 0)
+        retry = self._retry_after.get(collector.name)
+        if not failures:
+            return float(collector.interval_s)
+        base = float(collector.interval_s) * (2 ** min(failures - 1, 10))
+        delay = min(self.max_backoff_s, base) * random.uniform(0.8, 1.2)
+        if retry is not None:
+            delay = max(delay, retry)
+        return float(delay)
+
+    async def poll(self, collector: Collector) -> bool:
+        """Poll one source once, write what it returned and record its health."""
+        now = self.clock()
+        if collector.name not in self._watermarks:
+            self._watermarks[collector.name] = await asyncio.to_thread(
+                self.store.get_watermark, collector.name
+            )
+        ctx = PollContext(
+            now=now,
+            watermark=self._watermarks[collector.name],
+            backfill_start=now - self.backfill,
+        )
+        calls_before = collector.calls
+        health = SourceHealth(name=collector.name, kind=collector.kind)
+        try:
+            batch = await collector.poll(ctx)
+        except SourceError as exc:
+            return await self._failed(collector, exc, calls_before)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.exception("source %s failed", collector.name)
+            error = SourceError(f"internal error: {type(exc).__name__}: {exc}")
+            return await self._failed(collector, error, calls_before)
+        # The store serialises writers, so concurrent polls may hand over at once.
+        await asyncio.to_thread(self._write, batch)
+        self.failures[collector.name] = 0
+        self._retry_after[collector.name] = None
+        if batch.watermark is not None:
+            self._watermarks[collector.name] = batch.watermark
+        newest = _newest(batch)
+        end = self.clock()
+        state = "ok"
+        detail = ""
+        if batch.progress is not None and batch.progress < 1:
+            state = "backfilling"
+            detail = f"backfill {batch.progress:.0%}"
+        if batch.progress is not None and self.on_progress is not None:
+            self.on_progress(collector.name, batch.progress)
+        lag = None
+        if batch.watermark is not None:
+            lag = max(0.0, (end - batch.watermark).total_seconds())
+        elif newest is not None:
+            lag = max(0.0, (end - newest).total_seconds())
+        health = dataclasses.replace(
+            health,
+            state=state,
+            last_success=end,
+            lag_s=lag,
+            watermark=batch.watermark,
+            detail=detail or batch.extra.get("detail", ""),
+            newest_data=newest,
+        )
+        await self._record(health, collector.calls - calls_before, end)
+        return True
+
+    def _write(self, batch: Batch) -> None:
+        self.store.write_batch(price_batch(self.book, batch))
+
+    async def _failed(self, collector: Collector, exc: SourceError, calls_before: int) -> bool:
+        failures = self.failures.get(collector.name, 0) + 1
+        self.failures[collector.name] = failures
+        if exc.auth:
+            state = "auth failed"
+            # A refused key will not fix itself in seconds: wait long, do not storm the API.
+            retry: float | None = max(300.0, collector.interval_s)
+        elif exc.fatal:
+            state = "unavailable"
+            retry = max(600.0, collector.interval_s)
+        elif exc.retry_after is not None:
+            state = "rate limited"
+            retry = exc.retry_after
+        else:
+            state = "error"
+            retry = None
+        self._retry_after[collector.name] = retry
+        now = self.clock()
+        watermark = self._watermarks.get(collector.name)
+        log.warning("source %s: %s", collector.name, exc.message)
+        health = SourceHealth(
+            name=collector.name,
+            kind=collector.kind,
+            state=state,
+            last_error=exc.message,
+            last_error_at=now,
+            lag_s=None if watermark is None else max(0.0, (now - watermark).total_seconds()),
+            detail=f"{failures} failure(s) in a row",
+        )
+        await self._record(health, collector.calls - calls_before, now)
+        return False
+
+    async def _record(self, health: SourceHealth, calls: int, now: datetime) -> None:
+        await asyncio.to_thread(self.store.record_health, health, calls_delta=calls, now=now)

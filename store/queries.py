@@ -1,0 +1,610 @@
+"""The queries the panes, ``report`` and ``export`` need. Panes never write SQL themselves.
+
+Every window is half-open, ``[start, end)``, on bucket start times. Windows of three hours or more
+are summed from the hourly rollups for their whole hours and from the fine tables for the ragged
+edges, so a 30-day query reads thousands of rows, not millions, and gives the same answer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+from store.db import HOUR, Store
+from store.records import (
+    USAGE_DIMENSIONS,
+    SourceHealth,
+    from_epoch,
+    nano_to_usd,
+    to_epoch,
+)
+
+_USAGE_COLUMNS = (
+    "start, source, provider, model, "
+    + ", ".join(USAGE_DIMENSIONS)
+    + ", priced, input_uncached, cache_read, cache_write_5m, cache_write_1h, output, requests,"
+    " web_searches, cost_nano"
+)
+GROUPS = ("model", "project", "api_key", "tag")
+"""Dimensions the Cost per query pane can group by."""
+
+
+def _parts(lo: int, hi: int) -> list[tuple[bool, int, int]]:
+    """Split ``[lo, hi)`` seconds into (use_rollup, lo, hi) pieces."""
+    h1 = -(-lo // HOUR) * HOUR
+    h2 = hi // HOUR * HOUR
+    if h2 - h1 < 3 * HOUR:
+        return [(False, lo, hi)]
+    parts = [(False, lo, h1), (True, h1, h2), (False, h2, hi)]
+    return [p for p in parts if p[1] < p[2]]
+
+
+def _filter_sql(text: str, columns: tuple[str, ...]) -> tuple[str, list[Any]]:
+    if not text:
+        return "", []
+    like = f"%{text}%"
+    return " AND (" + " OR ".join(f"{c} LIKE ?" for c in columns) + ")", [like] * len(columns)
+
+
+def usage_rows(start: datetime, end: datetime, text: str = "") -> tuple[str, list[Any]]:
+    """A subquery of usage rows in the window (fine and rolled-up parts), and its parameters."""
+    where, fparams = _filter_sql(text, ("provider", "model", "project", "tag", "api_key"))
+    pieces: list[str] = []
+    params: list[Any] = []
+    for rolled, lo, hi in _parts(to_epoch(start), to_epoch(end)):
+        table = "usage_hour" if rolled else "usage"
+        pieces.append(f"SELECT {_USAGE_COLUMNS} FROM {table} WHERE start >= ? AND start < ?{where}")
+        params += [lo, hi, *fparams]
+    return " UNION ALL ".join(pieces), params
+
+
+def _timed_rows(table: str, columns: str, start: datetime, end: datetime) -> tuple[str, list[Any]]:
+    """Like :func:`usage_rows` for the millisecond tables (``gpu``, ``inference``)."""
+    pieces: list[str] = []
+    params: list[Any] = []
+    for rolled, lo, hi in _parts(to_epoch(start), to_epoch(end)):
+        if rolled:
+            pieces.append(
+                f"SELECT start * 1000 AS ts, {columns} FROM {table}_hour"
+                " WHERE start >= ? AND start < ?"
+            )
+            params += [lo, hi]
+        else:
+            pieces.append(f"SELECT ts, {columns} FROM {table} WHERE ts >= ? AND ts < ?")
+            params += [lo * 1000, hi * 1000]
+    return " UNION ALL ".join(pieces), params
+
+
+@dataclass(frozen=True, slots=True)
+class Totals:
+    """Usage totals of a window."""
+
+    cost: Decimal = Decimal(0)
+    """Cost of the priced usage."""
+    requests: int = 0
+    input_total: int = 0
+    cache_read: int = 0
+    cache_write: int = 0
+    output: int = 0
+    unpriced_tokens: int = 0
+    unpriced_requests: int = 0
+
+    @property
+    def cost_per_request(self) -> Decimal | None:
+        """Cost of a request, over priced requests; ``None`` without any."""
+        priced = self.requests - self.unpriced_requests
+        return self.cost / priced if priced > 0 else None
+
+
+_TOTAL_SELECT = (
+    "SUM(cost_nano), SUM(requests),"
+    " SUM(input_uncached + cache_read + cache_write_5m + cache_write_1h), SUM(cache_read),"
+    " SUM(cache_write_5m + cache_write_1h), SUM(output),"
+    " SUM(CASE WHEN priced = 0 THEN input_uncached + cache_read + cache_write_5m"
+    " + cache_write_1h + output ELSE 0 END),"
+    " SUM(CASE WHEN priced = 0 THEN requests ELSE 0 END)"
+)
+
+
+def _totals(row: Any, offset: int = 0) -> Totals:
+    values = [row[offset + i] or 0 for i in range(8)]
+    return Totals(nano_to_usd(values[0]), *values[1:])
+
+
+def totals(store: Store, start: datetime, end: datetime, text: str = "") -> Totals:
+    """Usage totals in ``[start, end)``."""
+    sub, params = usage_rows(start, end, text)
+    row = store.query(f"SELECT {_TOTAL_SELECT} FROM ({sub})", params)[0]
+    return _totals(row)
+
+
+@dataclass(frozen=True, slots=True)
+class SpendSummary:
+    """What the Spend pane shows."""
+
+    now: datetime
+    hour: Decimal
+    today: Decimal
+    month: Decimal
+    burn_per_hour: dict[int, Decimal]
+    """$/h over the last 5, 15 and 60 minutes."""
+    projected_today: Decimal
+    projected_month: Decimal
+    newest_data: datetime | None
+    """End of the newest usage bucket stored (what 'fresh' is measured against)."""
+    unpriced_tokens_today: int = 0
+    requests_today: int = 0
+    spike: bool = False
+    """The 5-minute burn is over three times the 60-minute burn (and material)."""
+    budget_daily: Decimal | None = None
+    budget_monthly: Decimal | None = None
+
+    @property
+    def runway_hours(self) -> float | None:
+        """Hours until the daily budget is spent at the 60-minute burn rate."""
+        burn = self.burn_per_hour.get(60, Decimal(0))
+        if self.budget_daily is None or burn <= 0:
+            return None
+        return max(0.0, float((self.budget_daily - self.today) / burn))
+
+
+def spend_summary(
+    store: Store,
+    now: datetime,
+    text: str = "",
+    budget_daily: Decimal | None = None,
+    budget_monthly: Decimal | None = None,
+) -> SpendSummary:
+    """Spend this hour, today, this month (UTC), burn rates and projections."""
+    now = now.astimezone(UTC)
+    hour_start = now.replace(minute=0, second=0, microsecond=0)
+    day_start = hour_start.replace(hour=0)
+    month_start = day_start.replace(day=1)
+    next_month = (month_start + timedelta(days=32)).replace(day=1)
+    end = now + timedelta(seconds=1)
+    today = totals(store, day_start, end, text)
+    month = totals(store, month_start, end, text).cost
+    hour = totals(store, hour_start, end, text).cost
+    burn = {}
+    for minutes in (5, 15, 60):
+        cost = totals(store, now - timedelta(minutes=minutes), end, text).cost
+        burn[minutes] = cost * 60 / minutes
+    hours_left_day = Decimal((day_start + timedelta(days=1) - now).total_seconds()) / HOUR
+    hours_left_month = Decimal((next_month - now).total_seconds()) / HOUR
+    elapsed_month_h = Decimal((now - month_start).total_seconds()) / HOUR
+    month_rate = month / elapsed_month_h if elapsed_month_h > 0 else burn[60]
+    newest = newest_usage(store, now)
+    spike = burn[5] > 3 * burn[60] and burn[5] > Decimal("0.5")
+    return SpendSummary(
+        now=now,
+        hour=hour,
+        today=today.cost,
+        month=month,
+        burn_per_hour=burn,
+        projected_today=today.cost + burn[60] * hours_left_day,
+        projected_month=month + month_rate * hours_left_month,
+        newest_data=newest,
+        unpriced_tokens_today=today.unpriced_tokens,
+        requests_today=today.requests,
+        spike=spike,
+        budget_daily=budget_daily,
+        budget_monthly=budget_monthly,
+    )
+
+
+def series_step(start: datetime, end: datetime, points: int = 120) -> int:
+    """A chart step in seconds (a round number of minutes or hours) giving at most ``points``."""
+    span = max(60, int((end - start).total_seconds()))
+    for step in (60, 120, 300, 600, 900, 1800, 3600, 7200, 10800, 21600, 43200, 86400):
+        if span / step <= points:
+            return step
+    return 86400
+
+
+def spend_series(
+    store: Store, start: datetime, end: datetime, step: int, text: str = ""
+) -> list[tuple[datetime, Decimal]]:
+    """Cost per step over the window, zero-filled, oldest first."""
+    lo = to_epoch(start) // step * step
+    hi = to_epoch(end)
+    sub, params = usage_rows(from_epoch(lo), end, text)
+    rows = store.query(
+        f"SELECT (start / {step}) * {step} AS t, SUM(cost_nano) FROM ({sub}) GROUP BY t", params
+    )
+    by_t = {r[0]: r[1] or 0 for r in rows}
+    return [(from_epoch(t), nano_to_usd(by_t.get(t, 0))) for t in range(lo, hi, step)]
+
+
+@dataclass(frozen=True, slots=True)
+class CostRow:
+    """One group's usage in a window, with the previous window of equal length."""
+
+    key: str
+    provider: str
+    totals: Totals
+    previous: Totals
+    priced: bool
+    price_refs: tuple[str, ...] = ()
+
+    @property
+    def cache_hit_rate(self) -> float | None:
+        """Share of input tokens read from cache."""
+        t = self.totals
+        return t.cache_read / t.input_total if t.input_total else None
+
+    @property
+    def change(self) -> float | None:
+        """Relative change of $/request against the previous window."""
+        now, before = self.totals.cost_per_request, self.previous.cost_per_request
+        if now is None or before is None or before == 0:
+            return None
+        return float((now - before) / before)
+
+
+def cost_by(
+    store: Store, start: datetime, end: datetime, group: str = "model", text: str = ""
+) -> list[CostRow]:
+    """Usage grouped by ``model`` (with provider), ``project``, ``api_key`` or ``tag``,
+    dearest first, each with the previous window of the same length."""
+    if group not in GROUPS:
+        raise ValueError(f"cannot group by {group!r}; choose one of {', '.join(GROUPS)}")
+    key = "provider, model" if group == "model" else f"'' AS provider, {group}"
+    key_cols = "provider, model" if group == "model" else f"provider, {group}"
+    length = end - start
+
+    def grouped(lo: datetime, hi: datetime) -> dict[tuple[str, str], tuple[Totals, bool]]:
+        sub, params = usage_rows(lo, hi, text)
+        rows = store.query(
+            f"SELECT {key}, {_TOTAL_SELECT}, MIN(priced) FROM ({sub}) GROUP BY {key_cols}", params
+        )
+        out: dict[tuple[str, str], tuple[Totals, bool]] = {}
+        for r in rows:
+            k = (r[0], r[1])
+            t = _totals(r, 2)
+            if k in out:  # non-model groups merge across providers
+                a = out[k][0]
+                t = Totals(*(getattr(a, f) + getattr(t, f) for f in Totals.__slots__))
+                out[k] = (t, out[k][1] and bool(r[10]))
+            else:
+                out[k] = (t, bool(r[10]))
+        return out
+
+    current = grouped(start, end)
+    before = grouped(start - length, start)
+    rows = [
+        CostRow(
+            key=k[1],
+            provider=k[0],
+            totals=t,
+            previous=before.get(k, (Totals(), True))[0],
+            priced=priced,
+        )
+        for k, (t, priced) in current.items()
+    ]
+    rows.sort(key=lambda r: (-r.totals.cost, -r.totals.requests, r.key))
+    return rows
+
+
+@dataclass(frozen=True, slots=True)
+class MixRow:
+    """A model's share of spend and of requests."""
+
+    provider: str
+    model: str
+    cost: Decimal
+    requests: int
+    cost_share: float
+    request_share: float
+    priced: bool
+
+
+def model_mix(store: Store, start: datetime, end: datetime, text: str = "") -> list[MixRow]:
+    """Share of spend and requests per model in the window."""
+    sub, params = usage_rows(start, end, text)
+    rows = store.query(
+        f"SELECT provider, model, SUM(cost_nano), SUM(requests), MIN(priced) FROM ({sub})"
+        " GROUP BY provider, model",
+        params,
+    )
+    total_cost = sum((r[2] or 0) for r in rows)
+    total_req = sum((r[3] or 0) for r in rows)
+    mix = [
+        MixRow(
+            provider=r[0],
+            model=r[1],
+            cost=nano_to_usd(r[2] or 0),
+            requests=r[3] or 0,
+            cost_share=(r[2] or 0) / total_cost if total_cost else 0.0,
+            request_share=(r[3] or 0) / total_req if total_req else 0.0,
+            priced=bool(r[4]),
+        )
+        for r in rows
+    ]
+    mix.sort(key=lambda m: (-m.cost, -m.requests, m.model))
+    return mix
+
+
+def unpriced(store: Store, start: datetime, end: datetime, text: str = "") -> dict[str, int]:
+    """Tokens of unpriced models in the window, by ``provider/model``."""
+    sub, params = usage_rows(start, end, text)
+    rows = store.query(
+        f"SELECT provider, model, SUM(input_uncached + cache_read + cache_write_5m"
+        f" + cache_write_1h + output) FROM ({sub}) WHERE priced = 0 GROUP BY provider, model",
+        params,
+    )
+    return {f"{r[0]}/{r[1]}" if r[0] else r[1]: r[2] or 0 for r in rows}
+
+
+def price_refs(store: Store, start: datetime, end: datetime) -> list[str]:
+    """The distinct price references behind the usage of a window (fine table only)."""
+    rows = store.query(
+        "SELECT DISTINCT price_ref FROM usage WHERE start >= ? AND start < ? ORDER BY price_ref",
+        (to_epoch(start), to_epoch(end)),
+    )
+    return [r[0] for r in rows if r[0]]
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderDay:
+    """Estimated (tokens x prices) beside billed cost for one provider and UTC day."""
+
+    provider: str
+    day: datetime
+    estimated: Decimal
+    billed: Decimal | None
+
+    @property
+    def gap(self) -> Decimal | None:
+        """Billed minus estimated; ``None`` until the provider has billed the day."""
+        return None if self.billed is None else self.billed - self.estimated
+
+
+def billed_vs_estimated(store: Store, start: datetime, end: datetime) -> list[ProviderDay]:
+    """Per provider and UTC day in the window: estimate, billed cost and the gap."""
+    lo = to_epoch(start) // 86400 * 86400
+    hi = to_epoch(end)
+    sub, params = usage_rows(from_epoch(lo), end)
+    est = store.query(
+        f"SELECT provider, (start / 86400) * 86400 AS d, SUM(cost_nano) FROM ({sub})"
+        " GROUP BY provider, d",
+        params,
+    )
+    billed = store.query(
+        "SELECT provider, day, SUM(amount_nano) FROM billed WHERE day >= ? AND day < ?"
+        " GROUP BY provider, day",
+        (lo, hi),
+    )
+    billed_by = {(r[0], r[1]): r[2] for r in billed}
+    billed_providers = {r[0] for r in billed}
+    keys = {(r[0], r[1]) for r in est if r[0] in billed_providers} | set(billed_by)
+    est_by = {(r[0], r[1]): r[2] or 0 for r in est}
+    days = [
+        ProviderDay(
+            provider=p,
+            day=from_epoch(d),
+            estimated=nano_to_usd(est_by.get((p, d), 0)),
+            billed=nano_to_usd(billed_by[(p, d)]) if (p, d) in billed_by else None,
+        )
+        for p, d in keys
+    ]
+    days.sort(key=lambda x: (x.provider, x.day))
+    return days
+
+
+def billed_total(store: Store, start: datetime, end: datetime) -> Decimal | None:
+    """Billed cost of the UTC days that start within the window; ``None`` when none is stored."""
+    row = store.query(
+        "SELECT SUM(amount_nano), COUNT(*) FROM billed WHERE day >= ? AND day < ?",
+        (to_epoch(start) // 86400 * 86400, to_epoch(end)),
+    )[0]
+    return None if not row[1] else nano_to_usd(row[0] or 0)
+
+
+@dataclass(frozen=True, slots=True)
+class GpuDevice:
+    """One GPU over a window, with its newest reading."""
+
+    source: str
+    device: str
+    name: str
+    index: int
+    cost: Decimal
+    idle_cost: Decimal
+    seconds: float
+    util_pct: float | None
+    power_w: float | None
+    mem_used_bytes: int | None
+    mem_total_bytes: int | None
+    temp_c: int | None
+    usd_per_hour: Decimal | None
+    last_seen: datetime | None
+    cost_ref: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """One inference endpoint over a window."""
+
+    source: str
+    endpoint: str
+    kind: str
+    requests: int
+    prompt_tokens: int
+    generation_tokens: int
+    seconds: float
+
+    @property
+    def per_second(self) -> float | None:
+        """Inferences per second over the time observed."""
+        return self.requests / self.seconds if self.seconds > 0 else None
+
+
+@dataclass(frozen=True, slots=True)
+class GpuOverview:
+    """GPU cost per inference over a window."""
+
+    devices: list[GpuDevice] = field(default_factory=list)
+    endpoints: list[Endpoint] = field(default_factory=list)
+    cost: Decimal = Decimal(0)
+    idle_cost: Decimal = Decimal(0)
+    inferences: int = 0
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    newest: datetime | None = None
+
+    @property
+    def cost_per_inference(self) -> Decimal | None:
+        """Fully loaded: all GPU cost (idle included) over inferences served."""
+        return self.cost / self.inferences if self.inferences else None
+
+    @property
+    def cost_per_1m_tokens(self) -> Decimal | None:
+        """GPU cost per million tokens (prompt and generated)."""
+        tokens = self.prompt_tokens + self.generation_tokens
+        return self.cost * 1_000_000 / tokens if tokens else None
+
+
+def gpu_overview(store: Store, start: datetime, end: datetime) -> GpuOverview:
+    """Per-GPU and per-endpoint cost, inferences and the fully loaded $/inference."""
+    sub, params = _timed_rows(
+        "gpu", "source, device, name, interval_ms, cost_nano, idle_cost_nano", start, end
+    )
+    sums = store.query(
+        f"SELECT source, device, name, SUM(interval_ms), SUM(cost_nano), SUM(idle_cost_nano)"
+        f" FROM ({sub}) GROUP BY source, device",
+        params,
+    )
+    latest = store.query(
+        "SELECT g.* FROM gpu g JOIN (SELECT source, device, MAX(ts) AS ts FROM gpu"
+        " WHERE ts >= ? AND ts < ? GROUP BY source, device) m"
+        " ON g.source = m.source AND g.device = m.device AND g.ts = m.ts",
+        (max(to_epoch(start), to_epoch(end) - 3 * HOUR) * 1000, to_epoch(end) * 1000),
+    )
+    latest_by = {(r["source"], r["device"]): r for r in latest}
+    devices = []
+    for r in sums:
+        last = latest_by.get((r[0], r[1]))
+        rate = None
+        if last is not None and last["interval_ms"]:
+            rate = nano_to_usd(last["cost_nano"]) * 3_600_000 / last["interval_ms"]
+        devices.append(
+            GpuDevice(
+                source=r[0],
+                device=r[1],
+                name=r[2],
+                index=last["idx"] if last is not None else 0,
+                cost=nano_to_usd(r[4] or 0),
+                idle_cost=nano_to_usd(r[5] or 0),
+                seconds=(r[3] or 0) / 1000,
+                util_pct=last["util_pct"] if last is not None else None,
+                power_w=last["power_mw"] / 1000
+                if last is not None and last["power_mw"] is not None
+                else None,
+                mem_used_bytes=last["mem_used_bytes"] if last is not None else None,
+                mem_total_bytes=last["mem_total_bytes"] if last is not None else None,
+                temp_c=last["temp_c"] if last is not None else None,
+                usd_per_hour=rate,
+                last_seen=from_epoch(last["ts"] / 1000) if last is not None else None,
+                cost_ref=last["cost_ref"] if last is not None else "",
+            )
+        )
+    devices.sort(key=lambda d: (d.source, d.index, d.device))
+    sub, params = _timed_rows(
+        "inference",
+        "source, endpoint, kind, interval_ms, requests, prompt_tokens, generation_tokens",
+        start,
+        end,
+    )
+    rows = store.query(
+        f"SELECT source, endpoint, MAX(kind), SUM(requests), SUM(prompt_tokens),"
+        f" SUM(generation_tokens), SUM(interval_ms) FROM ({sub}) GROUP BY source, endpoint",
+        params,
+    )
+    endpoints = [
+        Endpoint(r[0], r[1], r[2] or "", r[3] or 0, r[4] or 0, r[5] or 0, (r[6] or 0) / 1000)
+        for r in rows
+    ]
+    newest = max((d.last_seen for d in devices if d.last_seen), default=None)
+    return GpuOverview(
+        devices=devices,
+        endpoints=endpoints,
+        cost=sum((d.cost for d in devices), Decimal(0)),
+        idle_cost=sum((d.idle_cost for d in devices), Decimal(0)),
+        inferences=sum(e.requests for e in endpoints),
+        prompt_tokens=sum(e.prompt_tokens for e in endpoints),
+        generation_tokens=sum(e.generation_tokens for e in endpoints),
+        newest=newest,
+    )
+
+
+def gpu_series(
+    store: Store, start: datetime, end: datetime, step: int
+) -> list[tuple[datetime, Decimal | None]]:
+    """$/inference per step (``None`` where nothing was served), oldest first."""
+    lo = to_epoch(start) // step * step
+    hi = to_epoch(end)
+    begin = from_epoch(lo)
+    gsub, gparams = _timed_rows("gpu", "source, cost_nano", begin, end)
+    isub, iparams = _timed_rows("inference", "source, requests", begin, end)
+    cost = store.query(
+        f"SELECT (ts / {step * 1000}) * {step} AS t, SUM(cost_nano) FROM ({gsub}) GROUP BY t",
+        gparams,
+    )
+    reqs = store.query(
+        f"SELECT (ts / {step * 1000}) * {step} AS t, SUM(requests) FROM ({isub}) GROUP BY t",
+        iparams,
+    )
+    cost_by_t = {r[0]: r[1] or 0 for r in cost}
+    req_by_t = {r[0]: r[1] or 0 for r in reqs}
+    out: list[tuple[datetime, Decimal | None]] = []
+    for t in range(lo, hi, step):
+        n = req_by_t.get(t, 0)
+        out.append((from_epoch(t), nano_to_usd(cost_by_t.get(t, 0)) / n if n else None))
+    return out
+
+
+def sources(store: Store, now: datetime) -> list[SourceHealth]:
+    """Every source's recorded health, with its API calls in the last hour."""
+    calls = {
+        r[0]: r[1]
+        for r in store.query(
+            "SELECT name, SUM(calls) FROM source_calls WHERE minute >= ? GROUP BY name",
+            (to_epoch(now) - HOUR,),
+        )
+    }
+
+    def dt(value: int | None) -> datetime | None:
+        return None if value is None else from_epoch(value)
+
+    out = []
+    for r in store.query("SELECT * FROM source ORDER BY name"):
+        out.append(
+            SourceHealth(
+                name=r["name"],
+                kind=r["kind"],
+                state=r["state"],
+                last_success=dt(r["last_success"]),
+                last_error=r["last_error"],
+                last_error_at=dt(r["last_error_at"]),
+                lag_s=r["lag_s"],
+                calls=r["calls"],
+                calls_last_hour=calls.get(r["name"], 0),
+                watermark=dt(r["watermark"]),
+                detail=r["detail"],
+                newest_data=dt(r["newest_data"]),
+            )
+        )
+    return out
+
+
+def newest_usage(store: Store, now: datetime | None = None) -> datetime | None:
+    """End of the newest usage bucket in the store; an open bucket counts as fresh to ``now``."""
+    # Ordered by the primary key's first column: one index seek, not a scan.
+    rows = store.query("SELECT start + width FROM usage ORDER BY start DESC LIMIT 1")
+    value = rows[0][0] if rows else None
+    if value is None:
+        return None
+    newest = from_epoch(value)
+    return min(newest, now) if now is not None else newest
