@@ -170,6 +170,13 @@ class Runner:
         results = await asyncio.gather(*(self.poll(c) for c in self.collectors))
         return {c.name: ok for c, ok in zip(self.collectors, results, strict=True)}
 
+    async def run_once_and_close(self) -> dict[str, bool]:
+        """:meth:`run_once`, then close every collector."""
+        try:
+            return await self.run_once()
+        finally:
+            await self.aclose()
+
     async def aclose(self) -> None:
         """Close every collector."""
         for c in self.collectors:

@@ -1,0 +1,504 @@
+"""Shared plumbing of the admin-API collectors: authenticated JSON GETs, paging, retries, the
+mapping of HTTP failures onto :class:`SourceError`, and the per-poll read plan.
+
+The OpenAI and Anthropic collectors differ only in their wire format; the plan (which minutes a
+poll reads, when costs are due, how a backfill is split) and the failure rules live here so both
+behave the same:
+
+- A poll reads every 1-minute bucket of one range ``[start, end)`` and declares it as a
+  :class:`UsageWindow`; the store replaces that range, so re-reading never double counts.
+- It re-reads the last ``trailing_s`` (default an hour) and also from ``trailing_s`` before the
+  stored watermark, whichever is earlier: buckets grow while open and are revised while the
+  provider catches up, and a restart resumes without a gap.
+- A range longer than ``max_span_s`` (a long first backfill, or a restart after a long stop) is
+  read in chunks of that span, one per poll, advancing the watermark and reporting progress, so
+  that each poll stays bounded (at the default 26 h span, two pages of 1440 buckets).
+- A page that fails with a 5xx (529 included), a timeout, a reset connection or a truncated or
+  malformed body is retried a couple of times with short exponential backoff and jitter. If it
+  still fails, the whole poll fails: a poll returns complete windows or nothing.
+- 429 fails the poll at once with ``retry_after``; 401/403 fail it with ``auth=True``. Pacing
+  between polls is the runner's job.
+
+No message or exception made here carries the key: messages are built from our own words, the
+status and the server's error text with anything key-like scrubbed, and they are raised outside
+the ``except`` blocks so that no httpx exception (whose request holds the headers) is chained.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import json
+import math
+import os
+import random
+import re
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal, InvalidOperation
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import httpx
+
+from collectors.base import Clock, PollContext, SourceError, utcnow
+from collectors.config import ProviderConfig
+from store.records import Batch, BilledCost, UsageBucket, UsageWindow
+
+Sleep = Callable[[float], Awaitable[None]]
+Params = Sequence[tuple[str, str]]
+
+MINUTE = timedelta(minutes=1)
+DAY = timedelta(days=1)
+MAX_PAGES = 500
+"""A guard against a server that never says it is done; 500 pages is far above any real poll."""
+MAX_CATCHUP = timedelta(days=31)
+"""Oldest point a poll reads, whatever the watermark says (config allows 30 days of backfill)."""
+RETRYABLE_STATUS = frozenset({408, 500, 502, 503, 504, 529})
+
+_KEYLIKE = re.compile(r"(sk-[A-Za-z0-9]*-?)[A-Za-z0-9_\-*.]{4,}")
+
+
+class MalformedResponse(Exception):
+    """A response body that parsed but does not have the documented shape."""
+
+
+T = TypeVar("T")
+
+
+def floor_minute(when: datetime) -> datetime:
+    """Start of the UTC minute holding ``when``."""
+    return when.astimezone(UTC).replace(second=0, microsecond=0)
+
+
+def floor_day(when: datetime) -> datetime:
+    """UTC midnight of the day holding ``when``."""
+    return when.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+
+
+def one_line(text: str, limit: int = 200) -> str:
+    """Collapse whitespace to single spaces and cut to ``limit`` characters."""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+
+
+def scrub(text: str, key: str) -> str:
+    """Remove the key, and anything shaped like a provider key, from ``text``."""
+    if key:
+        text = text.replace(key, "[key]")
+    return _KEYLIKE.sub(r"\1[key]", text)
+
+
+def parse_retry_after(value: str | None, now: datetime) -> float | None:
+    """Seconds from an HTTP ``Retry-After`` header (delta-seconds or an HTTP date), or None."""
+    if not value:
+        return None
+    try:
+        seconds = float(value.strip())
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        seconds = (when - now).total_seconds()
+    if not math.isfinite(seconds):
+        return None
+    return max(0.0, seconds)
+
+
+def as_int(value: Any, name: str) -> int:
+    """A token or request counter: an integer, ``None``/absent as 0; anything else is malformed."""
+    if value is None:
+        return 0
+    if isinstance(value, bool):
+        raise MalformedResponse(f"{name} is not a count")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, Decimal) and value.is_finite() and value == value.to_integral_value():
+        return int(value)
+    raise MalformedResponse(f"{name} is not a count")
+
+
+def as_dim(value: Any) -> str:
+    """A group-by dimension: ``None`` and absent become ``""``; booleans ``"true"``/``"false"``."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def as_decimal(value: Any, name: str) -> Decimal:
+    """A money amount sent as a JSON number or a decimal string, exactly."""
+    if isinstance(value, bool) or not isinstance(value, int | Decimal | str):
+        raise MalformedResponse(f"{name} is not an amount")
+    try:
+        result = Decimal(value.strip()) if isinstance(value, str) else Decimal(value)
+    except InvalidOperation:
+        raise MalformedResponse(f"{name} is not an amount") from None
+    if not result.is_finite():
+        raise MalformedResponse(f"{name} is not an amount")
+    return result
+
+
+def as_obj(value: Any, name: str) -> Mapping[str, Any]:
+    """A JSON object; ``None``/absent as an empty one."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise MalformedResponse(f"{name} is not an object")
+    return value
+
+
+def as_list(value: Any, name: str) -> list[Any]:
+    """A JSON array; ``None``/absent as an empty one."""
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise MalformedResponse(f"{name} is not a list")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class ReadPlan:
+    """The usage range one poll reads, and what it means for the watermark."""
+
+    start: datetime
+    end: datetime
+    """Exclusive; the end of the open minute unless this is a catch-up chunk."""
+    catchup: bool
+    """True when the range ends in the past: more chunks follow in later polls."""
+    watermark: datetime
+    progress: float | None
+
+
+def merge_usage(buckets: list[UsageBucket]) -> tuple[UsageBucket, ...]:
+    """Sum buckets that share a key (a grouping the provider splits finer than we keep)."""
+    merged: dict[tuple[Any, ...], UsageBucket] = {}
+    for b in buckets:
+        key = (
+            b.model,
+            b.start,
+            b.width_s,
+            b.project,
+            b.api_key,
+            b.workspace,
+            b.tag,
+            b.service_tier,
+            b.batch,
+            b.context_window,
+        )
+        old = merged.get(key)
+        if old is None:
+            merged[key] = b
+            continue
+        merged[key] = UsageBucket(
+            source=b.source,
+            provider=b.provider,
+            model=b.model,
+            start=b.start,
+            width_s=b.width_s,
+            project=b.project,
+            api_key=b.api_key,
+            workspace=b.workspace,
+            tag=b.tag,
+            service_tier=b.service_tier,
+            batch=b.batch,
+            context_window=b.context_window,
+            input_uncached=old.input_uncached + b.input_uncached,
+            cache_read=old.cache_read + b.cache_read,
+            cache_write_5m=old.cache_write_5m + b.cache_write_5m,
+            cache_write_1h=old.cache_write_1h + b.cache_write_1h,
+            output=old.output + b.output,
+            requests=old.requests + b.requests,
+            web_searches=old.web_searches + b.web_searches,
+        )
+    return tuple(merged.values())
+
+
+def merge_billed(costs: list[BilledCost]) -> tuple[BilledCost, ...]:
+    """Sum billed lines that share the store's key (day, project, line item, workspace)."""
+    merged: dict[tuple[Any, ...], BilledCost] = {}
+    for c in costs:
+        key = (c.day, c.project, c.line_item, c.workspace, c.currency)
+        old = merged.get(key)
+        merged[key] = (
+            c
+            if old is None
+            else BilledCost(
+                source=c.source,
+                provider=c.provider,
+                day=c.day,
+                amount_nano=old.amount_nano + c.amount_nano,
+                project=c.project,
+                line_item=c.line_item,
+                workspace=c.workspace,
+                currency=c.currency,
+            )
+        )
+    return tuple(merged.values())
+
+
+class AdminApiCollector:
+    """Base of the provider admin-API collectors: the read plan, retries and error mapping.
+
+    Subclasses set the class attributes and implement :meth:`_auth_headers`,
+    :meth:`_read_usage` and :meth:`_read_costs`.
+
+    Args:
+        config: the provider's section of the config file.
+        client: the HTTP client to use (a test hands one with a short timeout or a fake
+            transport); when ``None`` the collector makes its own and closes it in :meth:`aclose`.
+        clock: the current time; used to turn an HTTP-date ``Retry-After`` into seconds.
+        name: the source name, unique among sources; defaults to :attr:`kind`.
+        retries: extra tries of a failing page within one poll.
+        backoff_s: base of the exponential backoff between those tries (jittered).
+        sleep: how to wait between tries (injected so tests need not wait).
+        timeout_s: request timeout of the client the collector makes itself.
+        cost_interval_s: how often the daily cost endpoint is re-read (and on the first poll).
+        cost_lookback_days: days of billed cost re-read each time (also back to the backfill
+            start on every read).
+        trailing_s: how far back each poll re-reads, from now and from the watermark.
+        max_span_s: the longest range one poll reads; longer ones are split over polls.
+    """
+
+    kind: str = ""
+    default_base_url: str = ""
+    base_url_env: str = ""
+    usage_path: str = ""
+    cost_path: str = ""
+
+    def __init__(
+        self,
+        config: ProviderConfig,
+        *,
+        client: httpx.AsyncClient | None = None,
+        clock: Clock = utcnow,
+        name: str | None = None,
+        retries: int = 2,
+        backoff_s: float = 0.2,
+        sleep: Sleep = asyncio.sleep,
+        timeout_s: float = 30.0,
+        cost_interval_s: float = 900.0,
+        cost_lookback_days: int = 7,
+        trailing_s: float = 3600.0,
+        max_span_s: float = 26 * 3600.0,
+    ) -> None:
+        self.name = name or self.kind
+        self.interval_s = config.interval_s
+        self.calls = 0
+        self._config = config
+        self._owns_client = client is None
+        self._client = client or httpx.AsyncClient(
+            timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 10.0))
+        )
+        self._clock = clock
+        self._retries = max(0, retries)
+        self._backoff_s = backoff_s
+        self._sleep = sleep
+        self._cost_interval = timedelta(seconds=cost_interval_s)
+        self._cost_lookback = timedelta(days=cost_lookback_days)
+        self._trailing = timedelta(seconds=trailing_s)
+        self._max_span = timedelta(seconds=max(max_span_s, 3600.0))
+        self._costs_read_at: datetime | None = None
+        self._catchup_origin: datetime | None = None
+        self._key = ""
+        base = config.base_url or os.environ.get(self.base_url_env, "") or self.default_base_url
+        self.base_url = base.rstrip("/")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, base_url={self.base_url!r})"
+
+    async def aclose(self) -> None:
+        """Close the HTTP client if the collector made it."""
+        if self._owns_client:
+            await self._client.aclose()
+
+    async def poll(self, ctx: PollContext) -> Batch:
+        """Read the planned usage range (and the cost days when due) and return them whole."""
+        self._key = self._config.key
+        if not self._key:
+            raise SourceError(f"no key: set {self._config.key_env}", auth=True)
+        plan = self.plan(ctx)
+        usage = await self._read_usage(plan.start, plan.end, plan.catchup)
+        inside = [b for b in usage if plan.start <= b.start < plan.end]
+        billed: tuple[BilledCost, ...] = ()
+        billed_days: tuple[tuple[str, datetime, datetime], ...] = ()
+        if self._costs_due(ctx.now):
+            first_day = floor_day(min(ctx.backfill_start, ctx.now - self._cost_lookback))
+            first_day = max(first_day, floor_day(ctx.now) - MAX_CATCHUP)
+            end_day = floor_day(ctx.now) + DAY
+            billed = merge_billed(await self._read_costs(first_day, end_day))
+            billed = tuple(c for c in billed if first_day <= c.day < end_day)
+            billed_days = ((self.name, first_day, end_day),)
+            self._costs_read_at = ctx.now
+        if plan.catchup:
+            self._catchup_origin = self._catchup_origin or plan.start
+        else:
+            self._catchup_origin = None
+        return Batch(
+            usage=merge_usage(inside),
+            windows=(UsageWindow(self.name, 60, plan.start, plan.end),),
+            billed=billed,
+            billed_days=billed_days,
+            watermark=plan.watermark,
+            progress=plan.progress,
+        )
+
+    def plan(self, ctx: PollContext) -> ReadPlan:
+        """Which minutes this poll reads; see the module docstring."""
+        now = floor_minute(ctx.now)
+        target = now + MINUTE
+        oldest = now - MAX_CATCHUP
+        if ctx.watermark is None:
+            start = floor_minute(ctx.backfill_start)
+        else:
+            start = min(floor_minute(ctx.watermark), now) - self._trailing
+        start = max(min(start, now - self._trailing), oldest)
+        if target - start <= self._max_span:
+            progress = 1.0 if self._catchup_origin is not None else None
+            return ReadPlan(start, target, False, min(ctx.now, target), progress)
+        end = start + self._max_span
+        origin = min(self._catchup_origin or start, start)
+        progress = (end - origin) / (target - origin)
+        return ReadPlan(start, end, True, end, max(0.0, min(1.0, progress)))
+
+    def _costs_due(self, now: datetime) -> bool:
+        if not self._config.costs:
+            return False
+        read_at = self._costs_read_at
+        return read_at is None or now - read_at >= self._cost_interval or now < read_at
+
+    def _auth_headers(self, key: str) -> dict[str, str]:
+        raise NotImplementedError
+
+    async def _read_usage(
+        self, start: datetime, end: datetime, send_end: bool
+    ) -> list[UsageBucket]:
+        raise NotImplementedError
+
+    async def _read_costs(self, first_day: datetime, end_day: datetime) -> list[BilledCost]:
+        raise NotImplementedError
+
+    async def _get_pages(self, path: str, params: Params) -> list[Mapping[str, Any]]:
+        """GET every page of a bucketed list and return the buckets of all pages in order."""
+        buckets: list[Mapping[str, Any]] = []
+        seen: set[str] = set()
+        cursor: str | None = None
+        for _ in range(MAX_PAGES):
+            query = [*params, ("page", cursor)] if cursor else list(params)
+            body = await self._get_json(path, query)
+            try:
+                buckets.extend(as_obj(b, "bucket") for b in as_list(body.get("data"), "data"))
+            except MalformedResponse as exc:
+                error = SourceError(f"unexpected response from GET {path}: {exc}")
+                raise error from None
+            next_page = body.get("next_page")
+            if body.get("has_more") is not True or next_page is None:
+                return buckets
+            if not isinstance(next_page, str) or not next_page or next_page in seen:
+                raise SourceError(f"unexpected response from GET {path}: bad next_page cursor")
+            seen.add(next_page)
+            cursor = next_page
+        raise SourceError(f"GET {path} did not finish after {MAX_PAGES} pages")
+
+    async def _read_all(
+        self, path: str, params: Params, parse: Callable[[Mapping[str, Any]], list[T]]
+    ) -> list[T]:
+        """Every page of ``path``, each bucket turned into records by ``parse``."""
+        buckets = await self._get_pages(path, params)
+        try:
+            return [record for bucket in buckets for record in parse(bucket)]
+        except MalformedResponse as exc:
+            error = SourceError(f"unexpected response from GET {path}: {exc}")
+        raise error
+
+    async def _get_json(self, path: str, params: Params) -> Mapping[str, Any]:
+        """GET one page, retrying transient failures; map the final failure to SourceError."""
+        url = self.base_url + path
+        failure = ""
+        retry_after: float | None = None
+        tries = self._retries + 1
+        for attempt in range(tries):
+            if attempt:
+                delay = self._backoff_s * 2 ** (attempt - 1)
+                await self._sleep(delay / 2 + random.uniform(0, delay / 2))
+            self.calls += 1
+            outcome = await self._attempt(url, path, params)
+            if isinstance(outcome, dict):
+                return outcome
+            if isinstance(outcome, SourceError):
+                raise outcome
+            failure, retry_after = outcome
+        error = SourceError(
+            one_line(f"{failure} after {tries} tries: GET {path}"), retry_after=retry_after
+        )
+        raise error
+
+    async def _attempt(
+        self, url: str, path: str, params: Params
+    ) -> dict[str, Any] | SourceError | tuple[str, float | None]:
+        """One request. Returns the body, a final error, or (a retryable failure, retry-after)."""
+        transport_failure = ""
+        bad_url = False
+        try:
+            response = await self._client.get(
+                url, params=list(params), headers=self._auth_headers(self._key)
+            )
+        except httpx.TimeoutException:
+            transport_failure = "timed out"
+        except (httpx.InvalidURL, httpx.UnsupportedProtocol):
+            bad_url = True
+        except httpx.RequestError as exc:
+            transport_failure = f"connection failed ({type(exc).__name__})"
+        if bad_url:
+            return SourceError(f"bad base URL {self._safe_base()}", fatal=True)
+        if transport_failure:
+            return (f"{transport_failure} reaching {self._safe_base()}", None)
+
+        status = response.status_code
+        if status == 200:
+            try:
+                body = json.loads(response.content, parse_float=Decimal)
+            except ValueError:
+                return ("malformed JSON body", None)
+            if not isinstance(body, dict):
+                return ("malformed JSON body", None)
+            return body
+        retry_after = parse_retry_after(response.headers.get("retry-after"), self._clock())
+        env = self._config.key_env
+        if status == 401:
+            return SourceError(f"auth failed (401): check {env}", auth=True)
+        if status == 403:
+            return SourceError(
+                f"auth failed (403): check {env} is an admin key allowed to read usage",
+                auth=True,
+            )
+        if status == 429:
+            wait = f", retry after {retry_after:g} s" if retry_after is not None else ""
+            return SourceError(f"rate limited (429){wait}: GET {path}", retry_after=retry_after)
+        if status in RETRYABLE_STATUS or status >= 500:
+            return (f"server error {status}", retry_after)
+        detail = self._error_text(response)
+        what = "not found (404), check the base URL" if status == 404 else f"refused ({status})"
+        message = f"{what}: GET {path}" + (f": {detail}" if detail else "")
+        return SourceError(one_line(scrub(message, self._key), 300))
+
+    def _error_text(self, response: httpx.Response) -> str:
+        """The server's error message from either provider's envelope, scrubbed, or ``""``."""
+        try:
+            body = json.loads(response.content)
+        except ValueError:
+            return ""
+        error = body.get("error") if isinstance(body, dict) else None
+        if not isinstance(error, dict):
+            return ""
+        message = error.get("message")
+        return one_line(scrub(message, self._key)) if isinstance(message, str) else ""
+
+    def _safe_base(self) -> str:
+        parts = urlsplit(self.base_url)
+        return parts.netloc or self.base_url

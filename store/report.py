@@ -1,0 +1,340 @@
+"""The report of a time window (``tokentop report --json``) and its exports (JSON, CSV, Markdown).
+
+The report is a contract: scripts and later checks read its fields. Every export carries the same
+fields, so a snapshot is self-describing: the window, the totals, per-model rows, GPU cost, which
+prices produced the figures and how fresh the data was.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from store import queries
+from store.db import Store
+
+FORMATS = ("json", "csv", "md")
+"""Text formats rendered here; ``svg`` is a picture of the screen, made by the app."""
+
+REPORT_VERSION = 1
+
+
+def usd(value: Decimal | None) -> float | None:
+    """A dollar figure for JSON: rounded to the nano-dollar, ``None`` stays ``None``."""
+    if value is None:
+        return None
+    return float(round(value, 9))
+
+
+def _iso(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat()
+
+
+def build_report(
+    store: Store,
+    start: datetime,
+    end: datetime,
+    now: datetime,
+    prices: dict[str, Any],
+    label: str = "",
+    gpu_rates: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """Everything known about ``[start, end)``, as plain JSON-ready data.
+
+    Args:
+        store: the database.
+        start: window start (UTC).
+        end: window end (UTC).
+        now: when the report is made (freshness is measured against it).
+        prices: the price book's description (``PriceBook.describe()``).
+        label: ``"demo"`` for simulated data.
+        gpu_rates: the GPU rates in force, for the record.
+    """
+    totals = queries.totals(store, start, end)
+    by_model = queries.cost_by(store, start, end, "model")
+    gpu = queries.gpu_overview(store, start, end)
+    sources = queries.sources(store, now)
+    newest = queries.newest_usage(store, now)
+    billed = queries.billed_total(store, start, end)
+    provider_days = queries.billed_vs_estimated(store, start, end)
+    providers: dict[str, dict[str, Decimal | None]] = {}
+    for day in provider_days:
+        p = providers.setdefault(day.provider, {"estimated": Decimal(0), "billed": None})
+        p["estimated"] = (p["estimated"] or Decimal(0)) + day.estimated
+        if day.billed is not None:
+            p["billed"] = (p["billed"] or Decimal(0)) + day.billed
+    return {
+        "tokentop": {
+            "report_version": REPORT_VERSION,
+            "generated_at": now.isoformat(),
+            "label": label,
+            "demo": label == "demo",
+            "database": str(store.path),
+        },
+        "window": {"start": start.isoformat(), "end": end.isoformat()},
+        "total_usd": usd(totals.cost),
+        "billed_usd": usd(billed),
+        "requests": totals.requests,
+        "cost_per_request_usd": usd(totals.cost_per_request),
+        "input_tokens": totals.input_total,
+        "cached_input_tokens": totals.cache_read,
+        "cache_write_tokens": totals.cache_write,
+        "output_tokens": totals.output,
+        "by_model": [
+            {
+                "provider": row.provider,
+                "model": row.key,
+                "requests": row.totals.requests,
+                "input_tokens": row.totals.input_total,
+                "cached_input_tokens": row.totals.cache_read,
+                "cache_write_tokens": row.totals.cache_write,
+                "output_tokens": row.totals.output,
+                "cost_usd": usd(row.totals.cost) if row.priced else None,
+                "cost_per_request_usd": usd(row.totals.cost_per_request) if row.priced else None,
+                "priced": row.priced,
+            }
+            for row in by_model
+        ],
+        "unpriced": queries.unpriced(store, start, end),
+        "by_provider": [
+            {
+                "provider": name,
+                "estimated_usd": usd(p["estimated"]),
+                "billed_usd": usd(p["billed"]),
+                "gap_usd": usd(p["billed"] - (p["estimated"] or Decimal(0)))
+                if p["billed"] is not None
+                else None,
+            }
+            for name, p in sorted(providers.items())
+        ],
+        "billed_days": [
+            {
+                "provider": d.provider,
+                "day": d.day.date().isoformat(),
+                "estimated_usd": usd(d.estimated),
+                "billed_usd": usd(d.billed),
+                "gap_usd": usd(d.gap),
+            }
+            for d in provider_days
+        ],
+        "gpu": {
+            "cost_usd": usd(gpu.cost),
+            "inferences": gpu.inferences,
+            "cost_per_inference_usd": usd(gpu.cost_per_inference),
+            "cost_per_1m_tokens_usd": usd(gpu.cost_per_1m_tokens),
+            "idle_cost_usd": usd(gpu.idle_cost),
+            "prompt_tokens": gpu.prompt_tokens,
+            "generation_tokens": gpu.generation_tokens,
+            "devices": [
+                {
+                    "source": d.source,
+                    "device": d.device,
+                    "name": d.name,
+                    "index": d.index,
+                    "cost_usd": usd(d.cost),
+                    "idle_cost_usd": usd(d.idle_cost),
+                    "seconds": round(d.seconds, 3),
+                    "util_pct": d.util_pct,
+                    "power_w": d.power_w,
+                    "usd_per_hour": usd(d.usd_per_hour),
+                    "last_seen": _iso(d.last_seen),
+                    "cost_basis": d.cost_ref,
+                }
+                for d in gpu.devices
+            ],
+            "endpoints": [
+                {
+                    "source": e.source,
+                    "endpoint": e.endpoint,
+                    "kind": e.kind,
+                    "inferences": e.requests,
+                    "prompt_tokens": e.prompt_tokens,
+                    "generation_tokens": e.generation_tokens,
+                    "inferences_per_s": None if e.per_second is None else round(e.per_second, 4),
+                }
+                for e in gpu.endpoints
+            ],
+            "rates": gpu_rates or [],
+        },
+        "sources": [
+            {
+                "name": s.name,
+                "kind": s.kind,
+                "state": s.state,
+                "last_success": _iso(s.last_success),
+                "last_error": s.last_error,
+                "last_error_at": _iso(s.last_error_at),
+                "lag_s": None if s.lag_s is None else round(s.lag_s, 1),
+                "calls_last_hour": s.calls_last_hour,
+                "newest_data": _iso(s.newest_data),
+            }
+            for s in sources
+        ],
+        "freshness": {
+            "newest_usage": _iso(newest),
+            "usage_age_s": None if newest is None else round((now - newest).total_seconds(), 1),
+            "newest_gpu": _iso(gpu.newest),
+        },
+        "prices": {**prices, "refs": queries.price_refs(store, start, end)},
+    }
+
+
+def render(report: dict[str, Any], fmt: str) -> str:
+    """The report as ``json``, ``csv`` or ``md`` text."""
+    if fmt == "json":
+        return json.dumps(report, indent=2) + "\n"
+    if fmt == "csv":
+        return _csv(report)
+    if fmt == "md":
+        return _markdown(report)
+    raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}, svg")
+
+
+def _money(value: float | None, unpriced: bool = False) -> str:
+    if unpriced:
+        return "unpriced"
+    if value is None:
+        return "n/a"
+    if abs(value) >= 1:
+        return f"${value:,.2f}"
+    return f"${value:.6f}"
+
+
+_CSV_COLUMNS = (
+    "provider",
+    "model",
+    "requests",
+    "input_tokens",
+    "cached_input_tokens",
+    "cache_write_tokens",
+    "output_tokens",
+    "cost_usd",
+    "cost_per_request_usd",
+    "priced",
+)
+
+
+def _csv(report: dict[str, Any]) -> str:
+    out = io.StringIO()
+    meta = report["tokentop"]
+    # Comment lines carry the context (readers such as pandas take comment="#").
+    demo = " (DEMO: simulated data)" if meta["demo"] else ""
+    lines = [
+        f"# tokentop report v{meta['report_version']}{demo}",
+        f"# generated_at: {meta['generated_at']}",
+        f"# window: {report['window']['start']} .. {report['window']['end']}",
+        f"# total_usd: {report['total_usd']}",
+        f"# billed_usd: {report['billed_usd']}",
+        f"# requests: {report['requests']}",
+        f"# cost_per_request_usd: {report['cost_per_request_usd']}",
+        f"# gpu_cost_usd: {report['gpu']['cost_usd']}",
+        f"# gpu_cost_per_inference_usd: {report['gpu']['cost_per_inference_usd']}",
+        f"# newest_usage: {report['freshness']['newest_usage']}"
+        f" (age {report['freshness']['usage_age_s']} s)",
+        f"# prices: {report['prices']['source']} {report['prices']['version']},"
+        f" online updates {'on' if report['prices']['online_updates'] else 'off'},"
+        f" {len(report['prices']['overrides'])} override(s)",
+    ]
+    for s in report["sources"]:
+        lines.append(
+            f"# source {s['name']}: {s['state']}, last success {s['last_success']},"
+            f" lag {s['lag_s']} s{', last error: ' + s['last_error'] if s['last_error'] else ''}"
+        )
+    out.write("\n".join(lines) + "\n")
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(_CSV_COLUMNS)
+    for row in report["by_model"]:
+        writer.writerow(["" if row[c] is None else row[c] for c in _CSV_COLUMNS])
+    return out.getvalue()
+
+
+def _markdown(report: dict[str, Any]) -> str:
+    meta = report["tokentop"]
+    w = report["window"]
+    lines = [
+        f"# tokentop report{' — DEMO (simulated data)' if meta['demo'] else ''}",
+        "",
+        f"- Window: {w['start']} to {w['end']}",
+        f"- Generated: {meta['generated_at']}",
+        f"- Data freshness: newest usage {report['freshness']['newest_usage']}"
+        f" ({report['freshness']['usage_age_s']} s old)",
+        f"- Prices: {report['prices']['source']} {report['prices']['version']}"
+        f" (online updates {'on' if report['prices']['online_updates'] else 'off'}),"
+        f" {len(report['prices']['overrides'])} override(s)",
+        "",
+        "## Totals",
+        "",
+        "| Estimated | Billed | Requests | $/request | GPU cost | GPU $/inference |",
+        "|---:|---:|---:|---:|---:|---:|",
+        f"| {_money(report['total_usd'])} | {_money(report['billed_usd'])} |"
+        f" {report['requests']:,} | {_money(report['cost_per_request_usd'])} |"
+        f" {_money(report['gpu']['cost_usd'])} |"
+        f" {_money(report['gpu']['cost_per_inference_usd'])} |",
+        "",
+        "## By model",
+        "",
+        "| Provider | Model | Requests | Input | Cached | Cache writes | Output | Cost"
+        " | $/request |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in report["by_model"]:
+        lines.append(
+            f"| {r['provider']} | {r['model']} | {r['requests']:,} | {r['input_tokens']:,} |"
+            f" {r['cached_input_tokens']:,} | {r['cache_write_tokens']:,} |"
+            f" {r['output_tokens']:,} | {_money(r['cost_usd'], not r['priced'])} |"
+            f" {_money(r['cost_per_request_usd'], not r['priced'])} |"
+        )
+    if report["unpriced"]:
+        lines += ["", "Unpriced models (tokens counted, cost unknown):", ""]
+        lines += [f"- {model}: {tokens:,} tokens" for model, tokens in report["unpriced"].items()]
+    if report["by_provider"]:
+        lines += [
+            "",
+            "## Billed vs estimated",
+            "",
+            "| Provider | Estimated | Billed | Gap |",
+            "|---|---:|---:|---:|",
+        ]
+        for p in report["by_provider"]:
+            lines.append(
+                f"| {p['provider']} | {_money(p['estimated_usd'])} | {_money(p['billed_usd'])} |"
+                f" {_money(p['gap_usd'])} |"
+            )
+    gpu = report["gpu"]
+    if gpu["devices"]:
+        lines += [
+            "",
+            "## GPUs",
+            "",
+            "| GPU | Name | Cost | Idle cost | $/h | Basis |",
+            "|---|---|---:|---:|---:|---|",
+        ]
+        for d in gpu["devices"]:
+            lines.append(
+                f"| {d['index']} | {d['name']} | {_money(d['cost_usd'])} |"
+                f" {_money(d['idle_cost_usd'])} | {_money(d['usd_per_hour'])} | {d['cost_basis']} |"
+            )
+        lines.append("")
+        lines.append(
+            f"Inferences: {gpu['inferences']:,}; $/1M tokens:"
+            f" {_money(gpu['cost_per_1m_tokens_usd'])}; idle burn: {_money(gpu['idle_cost_usd'])}"
+        )
+    lines += [
+        "",
+        "## Sources",
+        "",
+        "| Source | Kind | State | Last success | Lag | Last error |",
+        "|---|---|---|---|---:|---|",
+    ]
+    for s in report["sources"]:
+        lines.append(
+            f"| {s['name']} | {s['kind']} | {s['state']} | {s['last_success'] or 'never'} |"
+            f" {'' if s['lag_s'] is None else str(s['lag_s']) + ' s'} | {s['last_error']} |"
+        )
+    if report["prices"]["refs"]:
+        lines += ["", "## Prices used", ""] + [f"- {ref}" for ref in report["prices"]["refs"]]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,495 @@
+"""The ``tokentop`` command. Imports the Textual app only for the commands that show it.
+
+Exit codes: 0 ok, 1 runtime failure, 2 usage or configuration error (one line naming the value).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import re
+import signal
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, NoReturn
+
+from collectors.base import utcnow
+from collectors.config import Config, ConfigError, default_db_path, load_config
+from pricing.book import PriceBook, TokenCounts
+from store.records import usd_to_nano
+
+USAGE_ERROR = 2
+FAILURE = 1
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+class UsageError(Exception):
+    """A bad flag or value; printed as one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message)
+
+
+def parse_since(value: str, now: datetime) -> datetime:
+    """``15m``, ``1h``, ``7d`` ago, or an ISO timestamp (UTC unless it says otherwise)."""
+    m = _DURATION.match(value)
+    if m:
+        return now - timedelta(seconds=float(m.group(1)) * _UNITS[m.group(2)])
+    try:
+        when = datetime.fromisoformat(value.strip())
+    except ValueError:
+        raise UsageError(
+            f"--since: cannot read {value!r} (use 15m, 1h, 7d or an ISO timestamp)"
+        ) from None
+    when = when if when.tzinfo else when.replace(tzinfo=UTC)
+    if when > now:
+        raise UsageError(f"--since: {value!r} is in the future")
+    return when.astimezone(UTC)
+
+
+def _count(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a non-negative whole number of tokens, got {value!r}"
+        ) from None
+    if number < 0:
+        raise argparse.ArgumentTypeError(
+            f"expected a non-negative whole number of tokens, got {value!r}"
+        )
+    return number
+
+
+def _interval(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {value!r}") from None
+    if not number > 0 or number > 86400:
+        raise argparse.ArgumentTypeError(f"expected seconds between 0 and 86400, got {value!r}")
+    return number
+
+
+def _at(value: str) -> datetime:
+    try:
+        when = datetime.fromisoformat(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a date or ISO timestamp, got {value!r}"
+        ) from None
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
+
+
+def _common(suppress: bool) -> argparse.ArgumentParser:
+    # Subcommands repeat the global options; their defaults are suppressed so that a global
+    # option given before the subcommand is not reset by the subcommand's default.
+    extra: dict[str, Any] = {"default": argparse.SUPPRESS} if suppress else {}
+    common = _Parser(add_help=False)
+    common.add_argument("--db", type=Path, help="database file (env TOKENTOP_DB)", **extra)
+    common.add_argument(
+        "--config", type=Path, help="config file, TOML (env TOKENTOP_CONFIG)", **extra
+    )
+    common.add_argument(
+        "--demo", action="store_true", help="use simulated traffic (no keys)", **extra
+    )
+    common.add_argument("-v", "--verbose", action="store_true", help="log to stderr", **extra)
+    return common
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line, as DESIGN.md fixes it."""
+    common = _common(suppress=True)
+
+    parser = _Parser(
+        prog="tokentop",
+        description="Live LLM unit economics in the terminal.",
+        parents=[_common(suppress=False)],
+    )
+    parser.add_argument(
+        "--window",
+        default="1h",
+        choices=["15m", "1h", "6h", "24h", "7d", "30d"],
+        help="initial time window of the TUI",
+    )
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+
+    collect = sub.add_parser("collect", parents=[common], help="run the collectors headless")
+    collect.add_argument("--once", action="store_true", help="poll every source once and exit")
+    collect.add_argument(
+        "--interval",
+        type=_interval,
+        metavar="S",
+        help="poll interval for GPU, inference and demo sources",
+    )
+
+    report = sub.add_parser("report", parents=[common], help="summarise a time window")
+    report.add_argument("--since", default="1h", help="15m, 1h, 7d or an ISO timestamp")
+    report.add_argument("--json", action="store_true", help="machine-readable output")
+
+    export = sub.add_parser("export", parents=[common], help="write a snapshot of a window")
+    export.add_argument("--since", default="2h", help="15m, 1h, 7d or an ISO timestamp")
+    export.add_argument("--format", required=True, help="json, csv, md or svg")
+    export.add_argument("-o", "--output", type=Path, help="file to write (default: stdout)")
+
+    price = sub.add_parser("price", parents=[common], help="price some tokens of a model")
+    price.add_argument("model")
+    price.add_argument("--input", type=_count, default=None, help="input tokens, cached included")
+    price.add_argument("--output", type=_count, default=0, help="output tokens")
+    price.add_argument("--cached", type=_count, default=0, help="of the input, cache reads")
+    price.add_argument(
+        "--cache-write", type=_count, default=0, help="of the input, cache writes (5 minute)"
+    )
+    price.add_argument("--input-file", type=Path, help="count the input tokens of this file")
+    price.add_argument("--provider", default="", help="openai, anthropic, ...")
+    price.add_argument("--at", type=_at, help="price in force at this date (default: now)")
+    price.add_argument("--json", action="store_true")
+
+    sources = sub.add_parser("sources", parents=[common], help="configured sources and health")
+    sources.add_argument("--json", action="store_true")
+    return parser
+
+
+@dataclass
+class _Context:
+    args: argparse.Namespace
+    config: Config
+    db_path: Path
+    label: str
+
+
+def _context(args: argparse.Namespace) -> _Context:
+    config = load_config(args.config, explicit=args.config is not None)
+    db_path = args.db if args.db is not None else default_db_path(demo=args.demo)
+    return _Context(args, config, db_path, "demo" if args.demo else "")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code."""
+    try:
+        args = build_parser().parse_args(argv)
+        logging.basicConfig(
+            level=logging.INFO if args.verbose else logging.CRITICAL,
+            format="%(asctime)s %(name)s %(levelname)s %(message)s",
+            stream=sys.stderr,
+        )
+        ctx = _context(args)
+        command = args.command or "tui"
+        handler = {
+            "tui": _tui,
+            "collect": _collect,
+            "report": _report,
+            "export": _export,
+            "price": _price,
+            "sources": _sources,
+        }[command]
+        return handler(ctx)
+    except (UsageError, ConfigError) as exc:
+        print(f"tokentop: error: {exc}", file=sys.stderr)
+        return USAGE_ERROR
+    except KeyboardInterrupt:
+        return 130
+
+
+def _open_store(ctx: _Context, *, must_exist: bool) -> Any:
+    from store.db import Store
+
+    if must_exist and not ctx.db_path.exists():
+        hint = "tokentop collect --demo --once" if ctx.args.demo else "tokentop collect"
+        raise UsageError(f"no database at {ctx.db_path} (run `{hint}` first, or pass --db)")
+    store = Store(ctx.db_path)
+    if ctx.label:
+        store.set_meta("label", ctx.label)
+    return store
+
+
+def _tui(ctx: _Context) -> int:
+    from collectors.runner import Runner
+    from collectors.sources import build_sources
+    from tui.app import TokentopApp
+
+    store = _open_store(ctx, must_exist=False)
+    collectors = build_sources(ctx.config, demo=ctx.args.demo)
+    runner = Runner(store, collectors, PriceBook(ctx.config.pricing))
+    label = ctx.label or (store.get_meta("label") or "")
+    app = TokentopApp(
+        ctx.db_path,
+        config=ctx.config,
+        runner=runner,
+        label=label,
+        refresh_s=ctx.config.refresh_s,
+        start_window=ctx.args.window,
+    )
+    try:
+        app.run()
+    finally:
+        store.close()
+    return app.return_code or 0
+
+
+def _collect(ctx: _Context) -> int:
+    from collectors.runner import Runner
+    from collectors.sources import build_sources
+
+    store = _open_store(ctx, must_exist=False)
+    collectors = build_sources(ctx.config, demo=ctx.args.demo, interval_s=ctx.args.interval)
+    if not collectors:
+        raise UsageError(
+            "no sources configured: set OPENAI_ADMIN_KEY or ANTHROPIC_ADMIN_KEY, "
+            "add [[inference]] to the config, or use --demo"
+        )
+    show_progress = sys.stderr.isatty()
+
+    def progress(name: str, fraction: float) -> None:
+        if show_progress:
+            bar = "#" * int(fraction * 30)
+            end = "\n" if fraction >= 1 else ""
+            print(f"\r{name:>12} backfill [{bar:<30}] {fraction:4.0%}", end=end, file=sys.stderr)
+
+    runner = Runner(store, collectors, PriceBook(ctx.config.pricing), on_progress=progress)
+    try:
+        if ctx.args.once:
+            results = asyncio.run(runner.run_once_and_close())
+            from store import queries
+
+            health = {h.name: h for h in queries.sources(store, utcnow())}
+            for name, ok in results.items():
+                h = health.get(name)
+                status = "ok" if ok else f"{h.state if h else 'error'}: {h.last_error if h else ''}"
+                print(f"{name}: {status}", file=sys.stderr)
+            return 0 if all(results.values()) else FAILURE
+        asyncio.run(_run_until_signal(runner))
+        return 0
+    finally:
+        store.close()
+
+
+async def _run_until_signal(runner: Any) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, runner.stop)
+    await runner.run()
+
+
+def _window(ctx: _Context, since: str) -> tuple[datetime, datetime, datetime]:
+    now = utcnow()
+    return parse_since(since, now), now + timedelta(seconds=1), now
+
+
+def _build_report(ctx: _Context, since: str) -> dict[str, Any]:
+    from store.report import build_report
+
+    start, end, now = _window(ctx, since)
+    store = _open_store(ctx, must_exist=True)
+    try:
+        label = store.get_meta("label") or ctx.label
+        rates = [
+            {
+                "match": r.match,
+                "usd_per_hour": str(r.usd_per_hour),
+                "mode": r.mode,
+                "usd_per_kwh": str(r.usd_per_kwh),
+                "pue": str(r.pue),
+            }
+            for r in ctx.config.gpu_rates
+        ]
+        return build_report(
+            store, start, end, now, PriceBook(ctx.config.pricing).describe(), label, rates
+        )
+    finally:
+        store.close()
+
+
+def _report(ctx: _Context) -> int:
+    from store.report import render
+
+    report = _build_report(ctx, ctx.args.since)
+    sys.stdout.write(render(report, "json" if ctx.args.json else "md"))
+    return 0
+
+
+def _export(ctx: _Context) -> int:
+    from store.report import FORMATS, render
+
+    fmt = ctx.args.format.lower()
+    if fmt not in (*FORMATS, "svg"):
+        raise UsageError(f"--format: unknown format {ctx.args.format!r} (use json, csv, md or svg)")
+    text = _export_svg(ctx) if fmt == "svg" else render(_build_report(ctx, ctx.args.since), fmt)
+    if ctx.args.output is None:
+        sys.stdout.write(text)
+    else:
+        try:
+            ctx.args.output.write_text(text, encoding="utf-8")
+        except OSError as exc:
+            raise UsageError(f"-o: cannot write {str(ctx.args.output)!r}: {exc.strerror}") from None
+        print(f"wrote {ctx.args.output}", file=sys.stderr)
+    return 0
+
+
+def _export_svg(ctx: _Context) -> str:
+    from tui.app import TokentopApp
+
+    start, _end, now = _window(ctx, ctx.args.since)
+    store = _open_store(ctx, must_exist=True)
+    label = store.get_meta("label") or ctx.label
+    store.close()
+    span = now - start
+    app = TokentopApp(ctx.db_path, config=ctx.config, label=label, window_span=span)
+    return str(app.render_svg(size=(160, 48)))
+
+
+def _price(ctx: _Context) -> int:
+    args = ctx.args
+    book = PriceBook(ctx.config.pricing)
+    counted = None
+    if args.input_file is not None:
+        from pricing.tokens import count_tokens
+
+        try:
+            text = args.input_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsageError(f"--input-file: cannot read {str(args.input_file)!r}: {exc}") from None
+        counted = count_tokens(text, args.model, args.provider)
+        input_total = counted.tokens + (args.input or 0)
+    else:
+        input_total = args.input if args.input is not None else 0
+    if args.input is None and counted is None:
+        raise UsageError("price: give --input N (and --output N), or --input-file FILE")
+    uncached = input_total - args.cached - args.cache_write
+    if uncached < 0:
+        raise UsageError(
+            f"--cached {args.cached} plus --cache-write {args.cache_write} exceed --input "
+            f"{input_total}"
+        )
+    at = args.at or utcnow()
+    tokens = TokenCounts(
+        input_uncached=uncached,
+        cache_read=args.cached,
+        cache_write_5m=args.cache_write,
+        output=args.output,
+    )
+    quote = book.quote(args.provider, args.model, tokens, at)
+    approximate = counted is not None and counted.approximate
+    result: dict[str, Any] = {
+        "model": args.model,
+        "provider": quote.provider or args.provider or None,
+        "model_id": quote.model_id or None,
+        "at": at.isoformat(),
+        "input_tokens": input_total,
+        "cached_input_tokens": args.cached,
+        "cache_write_tokens": args.cache_write,
+        "output_tokens": args.output,
+        "priced": quote.priced,
+        "total_usd": _exact(quote.cost),
+        "breakdown_usd": {k: _exact(v) for k, v in quote.breakdown.items()},
+        "rates_usd_per_mtok": {k: _exact(v) for k, v in quote.rates.items() if k != "web_searches"},
+        "price_ref": quote.price_ref,
+        "approximate": approximate,
+        "token_count_method": counted.method if counted else "given",
+        "prices": book.describe(),
+    }
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    if not quote.priced:
+        print(
+            f"{args.model}: unpriced (no price known for {args.provider or 'any provider'}"
+            f"/{args.model}); {input_total:,} input and {args.output:,} output tokens"
+        )
+        return 0
+    assert quote.cost is not None
+    mark = "~" if approximate else ""
+    print(
+        f"{args.model}: {mark}${_exact(quote.cost)}  ({input_total:,} in, {args.cached:,} cached,"
+        f" {args.output:,} out; {quote.price_ref}; at {at.date()})"
+    )
+    if counted is not None:
+        print(f"input tokens counted by {counted.method}")
+    return 0
+
+
+def _exact(value: Decimal | None) -> float | None:
+    """A dollar figure rounded to the nano-dollar (what the store keeps)."""
+    if value is None:
+        return None
+    return usd_to_nano(value) / 1_000_000_000
+
+
+def _sources(ctx: _Context) -> int:
+    from collectors.sources import build_sources
+    from store import queries
+    from store.db import Store
+
+    now = utcnow()
+    configured = [(c.name, c.kind) for c in build_sources(ctx.config, demo=ctx.args.demo)]
+    health = {}
+    if ctx.db_path.exists():
+        store = Store(ctx.db_path)
+        try:
+            health = {h.name: h for h in queries.sources(store, now)}
+        finally:
+            store.close()
+    rows = []
+    for name, kind in configured + [
+        (n, h.kind) for n, h in health.items() if n not in dict(configured)
+    ]:
+        h = health.get(name)
+        rows.append(
+            {
+                "name": name,
+                "kind": kind,
+                "configured": name in dict(configured),
+                "state": h.state if h else "never polled",
+                "last_success": h.last_success.isoformat() if h and h.last_success else None,
+                "age_s": round((now - h.last_success).total_seconds(), 1)
+                if h and h.last_success
+                else None,
+                "lag_s": None if not h or h.lag_s is None else round(h.lag_s, 1),
+                "last_error": h.last_error if h else "",
+                "last_error_at": h.last_error_at.isoformat() if h and h.last_error_at else None,
+                "calls_last_hour": h.calls_last_hour if h else 0,
+                "detail": h.detail if h else "",
+            }
+        )
+    if ctx.args.json:
+        print(json.dumps({"database": str(ctx.db_path), "sources": rows}, indent=2))
+        return 0
+    if not rows:
+        print("no sources configured (set OPENAI_ADMIN_KEY / ANTHROPIC_ADMIN_KEY, or use --demo)")
+        return 0
+    print(
+        f"{'SOURCE':<14} {'KIND':<10} {'STATE':<13} {'LAST SUCCESS':<14} {'LAG':>8} "
+        f"{'CALLS/H':>7}  LAST ERROR"
+    )
+    for r in rows:
+        age = "never" if r["age_s"] is None else f"{_age(r['age_s'])} ago"
+        lag = "" if r["lag_s"] is None else _age(r["lag_s"])
+        print(
+            f"{r['name']:<14} {r['kind']:<10} {r['state']:<13} {age:<14} {lag:>8} "
+            f"{r['calls_last_hour']:>7}  {r['last_error']}"
+        )
+    return 0
+
+
+def _age(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    if seconds < 172800:
+        return f"{seconds / 3600:.1f}h"
+    return f"{seconds / 86400:.1f}d"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,31 @@
+"""Messages that carry data from worker threads to the UI."""
+
+from __future__ import annotations
+
+from textual.message import Message
+
+from tui.snapshot import Snapshot
+
+
+class SnapshotReady(Message):
+    """A refresh worker finished its queries; the panes apply ``snapshot``.
+
+    Posted from a worker thread (``post_message`` is thread-safe). A newer snapshot replaces an
+    older one still waiting in the queue, so a slow UI never works through a backlog.
+    """
+
+    def __init__(self, snapshot: Snapshot) -> None:
+        super().__init__()
+        self.snapshot = snapshot
+
+    def can_replace(self, message: Message) -> bool:
+        """Merge floods: only the newest snapshot matters."""
+        return isinstance(message, SnapshotReady)
+
+
+class SnapshotExported(Message):
+    """An export finished writing ``paths`` (JSON and SVG)."""
+
+    def __init__(self, paths: tuple[str, ...]) -> None:
+        super().__init__()
+        self.paths = paths

@@ -1,0 +1,158 @@
+"""One refresh of the panes: every query they need, run together in a worker thread.
+
+A :class:`Snapshot` is immutable and self-contained, so the UI thread only copies values into
+widgets. This module imports no Textual, so it can be exercised (and timed) without a screen.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from decimal import Decimal
+
+from store import queries
+from store.db import Store
+from store.queries import (
+    CostRow,
+    GpuOverview,
+    MixRow,
+    ProviderDay,
+    SpendSummary,
+    Totals,
+)
+from store.records import SourceHealth
+
+WINDOWS: dict[str, int] = {
+    "15m": 15 * 60,
+    "1h": 3600,
+    "6h": 6 * 3600,
+    "24h": 24 * 3600,
+    "7d": 7 * 86400,
+    "30d": 30 * 86400,
+}
+"""Selectable time windows and their length in seconds, in key order (1..6)."""
+
+PANES: tuple[str, ...] = ("spend", "cost", "mix", "gpu", "sources")
+"""Pane ids, in layout order."""
+
+GPU_KINDS = frozenset({"nvml", "gpu", "dcgm"})
+"""Source kinds that report GPUs (used to explain an empty GPU pane)."""
+
+
+@dataclass(frozen=True, slots=True)
+class RefreshRequest:
+    """What to query: taken from the app's state on the event loop, then handed to the worker."""
+
+    seq: int
+    now: datetime
+    window: str
+    text: str = ""
+    group: str = "model"
+    panes: frozenset[str] = frozenset(PANES)
+    """Visible panes; queries only they need are skipped for the others."""
+    budget_daily: Decimal | None = None
+    budget_monthly: Decimal | None = None
+    chart_points: int = 120
+
+    @property
+    def start(self) -> datetime:
+        """Window start."""
+        return self.now - timedelta(seconds=WINDOWS[self.window])
+
+    @property
+    def end(self) -> datetime:
+        """Window end (now)."""
+        return self.now
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderGap:
+    """Estimated beside billed cost of one provider, over the days it has billed in a window."""
+
+    provider: str
+    estimated: Decimal
+    billed: Decimal
+    days: int
+
+    @property
+    def gap(self) -> Decimal:
+        """Billed minus estimated."""
+        return self.billed - self.estimated
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """Everything the panes show after one refresh. Fields of skipped panes keep defaults."""
+
+    request: RefreshRequest
+    spend: SpendSummary | None = None
+    window_totals: Totals = field(default_factory=Totals)
+    series: tuple[Decimal, ...] = ()
+    series_step: int = 60
+    billed: tuple[ProviderGap, ...] = ()
+    cost_rows: tuple[CostRow, ...] = ()
+    mix: tuple[MixRow, ...] = ()
+    gpu: GpuOverview = field(default_factory=GpuOverview)
+    gpu_series: tuple[Decimal | None, ...] = ()
+    gpu_step: int = 60
+    sources: tuple[SourceHealth, ...] = ()
+    newest_usage: datetime | None = None
+    elapsed_s: float = 0.0
+    """Wall time the queries took."""
+
+    @property
+    def now(self) -> datetime:
+        """The clock reading the snapshot was taken at."""
+        return self.request.now
+
+    def gpu_source(self) -> SourceHealth | None:
+        """The first source that reports GPUs, if any is known."""
+        return next((s for s in self.sources if s.kind in GPU_KINDS), None)
+
+
+def summarise_billed(days: list[ProviderDay]) -> tuple[ProviderGap, ...]:
+    """Per provider, estimate and billed cost summed over the days that have a bill."""
+    acc: dict[str, tuple[Decimal, Decimal, int]] = {}
+    for d in days:
+        if d.billed is None:
+            continue
+        est, billed, n = acc.get(d.provider, (Decimal(0), Decimal(0), 0))
+        acc[d.provider] = (est + d.estimated, billed + d.billed, n + 1)
+    return tuple(ProviderGap(p, e, b, n) for p, (e, b, n) in sorted(acc.items()))
+
+
+def build_snapshot(store: Store, request: RefreshRequest) -> Snapshot:
+    """Run the queries of the visible panes (blocking: call from a worker thread)."""
+    began = time.perf_counter()
+    start, end, text, panes = request.start, request.end, request.text, request.panes
+    values: dict[str, object] = {}
+    if "spend" in panes:
+        values["spend"] = queries.spend_summary(
+            store, request.now, text, request.budget_daily, request.budget_monthly
+        )
+        values["window_totals"] = queries.totals(store, start, end, text)
+        step = queries.series_step(start, end, request.chart_points)
+        values["series_step"] = step
+        values["series"] = tuple(v for _, v in queries.spend_series(store, start, end, step, text))
+        values["billed"] = summarise_billed(queries.billed_vs_estimated(store, start, end))
+    if "cost" in panes:
+        values["cost_rows"] = tuple(queries.cost_by(store, start, end, request.group, text))
+    if "mix" in panes:
+        values["mix"] = tuple(queries.model_mix(store, start, end, text))
+    if "gpu" in panes:
+        values["gpu"] = queries.gpu_overview(store, start, end)
+        gstep = queries.series_step(start, end, 60)
+        values["gpu_step"] = gstep
+        values["gpu_series"] = tuple(v for _, v in queries.gpu_series(store, start, end, gstep))
+    # Sources feed the GPU pane's explanation and every badge; the query reads a few rows.
+    values["sources"] = tuple(queries.sources(store, request.now))
+    spend = values.get("spend")
+    values["newest_usage"] = (
+        spend.newest_data if isinstance(spend, SpendSummary) else queries.newest_usage(store)
+    )
+    return Snapshot(
+        request=request,
+        elapsed_s=time.perf_counter() - began,
+        **values,  # type: ignore[arg-type]
+    )
