@@ -429,6 +429,12 @@ class Store:
             _refresh_rollup(conn, rollup, source, lo, hi)
 
     def _write_requests(self, conn: sqlite3.Connection, requests: Sequence[MeteredRequest]) -> None:
+        """Store metered requests, and rebuild the one-minute usage buckets of their minutes.
+
+        Metered requests appear in every usage query (report, panes) as the source's
+        one-minute buckets, tagged; the buckets are derived from the request rows, so writing the
+        same request twice (same ``request_id``) changes nothing.
+        """
         if not requests:
             return
         conn.executemany(
@@ -460,6 +466,30 @@ class Store:
                 for i, r in enumerate(requests)
             ],
         )
+        spans: dict[str, tuple[int, int]] = {}
+        for r in requests:
+            minute = _ms(r.ts) // 60_000 * 60
+            old = spans.get(r.source)
+            spans[r.source] = (
+                (minute, minute) if old is None else (min(old[0], minute), max(old[1], minute))
+            )
+        for source, (lo, hi) in spans.items():
+            conn.execute(
+                "DELETE FROM usage WHERE start >= ? AND start <= ? AND source = ? AND width = 60",
+                (lo, hi, source),
+            )
+            conn.execute(
+                "INSERT INTO usage (start, source, width, provider, model, tag, input_uncached,"
+                " cache_read, cache_write_5m, cache_write_1h, output, requests, web_searches,"
+                " cost_nano, priced, price_ref)"
+                " SELECT (ts / 60000) * 60 AS m, source, 60, provider, model, tag,"
+                " SUM(input_uncached), SUM(cache_read), SUM(cache_write_5m), SUM(cache_write_1h),"
+                " SUM(output), COUNT(*), SUM(web_searches), SUM(cost_nano), MIN(priced),"
+                " MAX(price_ref) FROM request WHERE ts >= ? AND ts < ? AND source = ?"
+                " GROUP BY m, source, provider, model, tag",
+                (lo * 1000, (hi + 60) * 1000, source),
+            )
+            _refresh_rollup(conn, USAGE_ROLLUP, source, lo, hi)
 
     def rebuild_rollups(self) -> None:
         """Recompute every hourly rollup from the fine tables (after a bulk load)."""

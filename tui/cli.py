@@ -157,6 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     sources = sub.add_parser("sources", parents=[common], help="configured sources and health")
     sources.add_argument("--json", action="store_true")
+
+    from tui import cli_meter
+
+    cli_meter.add_commands(sub, common)
     return parser
 
 
@@ -184,6 +188,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             stream=sys.stderr,
         )
         ctx = _context(args)
+        from tui import cli_meter
+
         command = args.command or "tui"
         handler = {
             "tui": _tui,
@@ -192,6 +198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "export": _export,
             "price": _price,
             "sources": _sources,
+            **cli_meter.HANDLERS,
         }[command]
         return handler(ctx)
     except (UsageError, ConfigError) as exc:

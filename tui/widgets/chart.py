@@ -65,8 +65,10 @@ class TimeChart(Widget):
         bar_style = self.get_component_rich_style("timechart--bar")
         base_style = self.get_component_rich_style("timechart--base")
         pad = width - len(cols)
+        # Any spend at all gets at least the lowest block, so it never reads as zero.
         levels = [
-            None if v is None else (round(v / peak * height * 8) if peak > 0 else 0) for v in cols
+            None if v is None else (max(1, round(v / peak * height * 8)) if v > 0 else 0)
+            for v in cols
         ]
         lines = []
         for row in range(height - 1, -1, -1):

@@ -1,0 +1,140 @@
+"""Sources: each collector's state, last success, lag and errors; the monitor's own cost."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+
+from rich.text import Text
+from textual.content import Content
+from textual.widget import Widget
+from textual.widgets import Static
+
+from store.records import SourceHealth
+from tui import format as fmt
+from tui.panes.base import Pane
+from tui.snapshot import Snapshot
+from tui.widgets.table import Role, ThemedTable
+
+COLUMNS: tuple[tuple[str, str, int, bool], ...] = (
+    ("name", "Source", 14, False),
+    ("kind", "Kind", 10, False),
+    ("state", "State", 12, False),
+    ("last_ok", "Last ok", 7, True),
+    ("lag", "Lag", 6, True),
+    ("calls", "Calls/h", 7, True),
+    ("error", "Last error", 48, False),
+)
+"""Key, heading, width, right-aligned."""
+
+
+def state_role(state: str) -> Role:
+    """Colour role of a source state: failures red, healthy green, anything else amber."""
+    s = state.lower()
+    if any(word in s for word in ("auth", "error", "fail", "unavailable", "dead")):
+        return "error"
+    if s in ("ok", "live", "running", "idle", "healthy"):
+        return "success"
+    return "warning"
+
+
+class CpuMeter:
+    """The monitor process's CPU use between two samples (all threads, runner included)."""
+
+    def __init__(self) -> None:
+        self._last: tuple[float, float] | None = None
+
+    def sample(self) -> float | None:
+        """Percent of one core used since the previous sample; ``None`` the first time."""
+        now = (time.monotonic(), time.process_time())
+        last, self._last = self._last, now
+        if last is None or now[0] <= last[0]:
+            return None
+        return (now[1] - last[1]) / (now[0] - last[0]) * 100
+
+
+class SourcesPane(Pane):
+    """A table of sources (state, last success, lag, calls per hour, last error) and a line
+    with the monitor's CPU and total API-call rate."""
+
+    PANE_ID = "sources"
+    TITLE = "Sources"
+
+    def __init__(self, *, stale_after: float = 300.0) -> None:
+        super().__init__(stale_after=stale_after, empty_text="no sources")
+        self.cpu = CpuMeter()
+        self._row_keys: list[str] = []
+
+    def compose_body(self) -> Iterable[Widget]:
+        yield ThemedTable(id="sources-table", cursor_type="row", zebra_stripes=True)
+        yield Static("", id="sources-monitor")
+
+    def on_mount(self) -> None:
+        table = self.table
+        for key, label, width, right in COLUMNS:
+            table.add_column(
+                Text(label, justify="right" if right else "left"), key=key, width=width
+            )
+
+    @property
+    def table(self) -> ThemedTable:
+        """The table of sources."""
+        return self.query_one("#sources-table", ThemedTable)
+
+    def _cells(self, s: SourceHealth, snapshot: Snapshot) -> dict[str, Text]:
+        cell = self.table.cell
+        now = snapshot.now
+        ok_age = None if s.last_success is None else (now - s.last_success).total_seconds()
+        error = s.last_error or s.detail
+        return {
+            "name": cell(s.name, "bold"),
+            "kind": cell(s.kind, "muted"),
+            "state": cell(s.state, state_role(s.state)),
+            "last_ok": cell(
+                "never" if ok_age is None else fmt.age(ok_age),
+                "warning" if ok_age is None or ok_age > 600 else "",
+                right=True,
+            ),
+            "lag": cell(fmt.age(s.lag_s), right=True),
+            "calls": cell(fmt.count(s.calls_last_hour), right=True),
+            "error": cell(error, "error" if s.last_error else "muted"),
+        }
+
+    def apply(self, snapshot: Snapshot) -> None:
+        rows = snapshot.sources
+        newest = max((s.last_success for s in rows if s.last_success), default=None)
+        self.badge.show(newest, snapshot.now)
+        failing = sum(state_role(s.state) == "error" for s in rows)
+        self.set_info(
+            Content.assemble(
+                (str(len(rows)), "bold"),
+                f" source{'s' if len(rows) != 1 else ''}",
+                (f" · {failing} failing", "bold $error") if failing else "",
+            )
+        )
+        table = self.table
+        keys = [s.name for s in rows]
+        if keys == self._row_keys:
+            for s in rows:
+                for column, value in self._cells(s, snapshot).items():
+                    table.update_cell(s.name, column, value)
+        else:
+            table.clear()
+            for s in rows:
+                cells = self._cells(s, snapshot)
+                table.add_row(*(cells[c[0]] for c in COLUMNS), key=s.name)
+            self._row_keys = keys
+        cpu = self.cpu.sample()
+        calls = sum(s.calls_last_hour for s in rows)
+        muted = "$text-muted"
+        self.query_one("#sources-monitor", Static).update(
+            Content.assemble(
+                ("monitor cpu ", muted),
+                ("—" if cpu is None else f"{cpu:.1f}%", "bold"),
+                ("  api calls ", muted),
+                (f"{fmt.count(calls)}/h", "bold"),
+                (f" ({calls / 60:.1f}/min)", muted),
+                ("  query ", muted),
+                f"{len(rows)} rows",
+            )
+        )

@@ -1,0 +1,42 @@
+"""A ``DataTable`` whose cells can take theme colours.
+
+Cells are Rich renderables, which know nothing of ``$warning`` and friends; component classes
+resolve the theme variables through CSS, so light and dark themes both work. Plain strings are
+wrapped in ``Text`` so that a model or tag name is never parsed as markup.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from rich.text import Text
+from textual.widgets import DataTable
+
+Role = Literal["", "error", "warning", "success", "accent", "muted", "bold"]
+
+
+class ThemedTable(DataTable[Text]):
+    """A data table with :meth:`cell` to make theme-coloured cells."""
+
+    DEFAULT_CSS = """
+    ThemedTable > .themed--error { color: $error; text-style: bold; }
+    ThemedTable > .themed--warning { color: $warning; }
+    ThemedTable > .themed--success { color: $success; }
+    ThemedTable > .themed--accent { color: $accent; }
+    ThemedTable > .themed--muted { color: $text-muted; }
+    ThemedTable > .themed--bold { text-style: bold; }
+    """
+
+    COMPONENT_CLASSES = {
+        "themed--error",
+        "themed--warning",
+        "themed--success",
+        "themed--accent",
+        "themed--muted",
+        "themed--bold",
+    }
+
+    def cell(self, text: str, role: Role = "", *, right: bool = False) -> Text:
+        """A cell of ``text`` in the colour of ``role``, right-aligned for figures."""
+        style = self.get_component_rich_style(f"themed--{role}", partial=True) if role else ""
+        return Text(text, style=style, justify="right" if right else "left", no_wrap=True)
