@@ -7,15 +7,21 @@ behave the same:
 
 - A poll reads every 1-minute bucket of one range ``[start, end)`` and declares it as a
   :class:`UsageWindow`; the store replaces that range, so re-reading never double counts.
-- It re-reads the last ``trailing_s`` (default an hour) and also from ``trailing_s`` before the
-  stored watermark, whichever is earlier: buckets grow while open and are revised while the
-  provider catches up, and a restart resumes without a gap.
+- A first start (no watermark) reads from ``ctx.backfill_start``. Later polls re-read from
+  ``trailing_s`` (default an hour) before the stored watermark or before now, whichever is
+  earlier: buckets grow while open and are revised while the provider catches up, and a restart
+  resumes without a gap. The returned watermark is the poll's ``now`` (or a chunk's end).
 - A range longer than ``max_span_s`` (a long first backfill, or a restart after a long stop) is
   read in chunks of that span, one per poll, advancing the watermark and reporting progress, so
   that each poll stays bounded (at the default 26 h span, two pages of 1440 buckets).
 - A page that fails with a 5xx (529 included), a timeout, a reset connection or a truncated or
   malformed body is retried a couple of times with short exponential backoff and jitter. If it
   still fails, the whole poll fails: a poll returns complete windows or nothing.
+- Billed cost is re-read on the first poll and then every ``cost_interval_s`` (15 min), over
+  the last ``cost_lookback_days`` UTC days (and back to the backfill start), up to tomorrow's
+  midnight; that day range is declared in ``Batch.billed_days`` for the store to replace. A cost
+  read that fails fails the poll too (loudly, rather than billed data going stale unseen); it is
+  due again on the next poll.
 - 429 fails the poll at once with ``retry_after``; 401/403 fail it with ``auth=True``. Pacing
   between polls is the runner's job.
 
@@ -57,7 +63,7 @@ MAX_CATCHUP = timedelta(days=31)
 """Oldest point a poll reads, whatever the watermark says (config allows 30 days of backfill)."""
 RETRYABLE_STATUS = frozenset({408, 500, 502, 503, 504, 529})
 
-_KEYLIKE = re.compile(r"(sk-[A-Za-z0-9]*-?)[A-Za-z0-9_\-*.]{4,}")
+_KEYLIKE = re.compile(r"\b(sk-[A-Za-z0-9]*-?)[A-Za-z0-9_\-*.]{4,}")
 
 
 class MalformedResponse(Exception):
@@ -354,10 +360,10 @@ class AdminApiCollector:
         target = now + MINUTE
         oldest = now - MAX_CATCHUP
         if ctx.watermark is None:
-            start = floor_minute(ctx.backfill_start)
+            start = min(floor_minute(ctx.backfill_start), now)
         else:
             start = min(floor_minute(ctx.watermark), now) - self._trailing
-        start = max(min(start, now - self._trailing), oldest)
+        start = max(start, oldest)
         if target - start <= self._max_span:
             progress = 1.0 if self._catchup_origin is not None else None
             return ReadPlan(start, target, False, min(ctx.now, target), progress)

@@ -7,7 +7,7 @@ initialised lazily in that thread on the first poll and shut down by :meth:`Nvml
 A reading a device does not support (``NotSupported``, ``FunctionNotFound``, a missing symbol)
 is ``None``, "not available", never an exception. A missing driver is a fatal
 :class:`~collectors.base.SourceError` that says so plainly. A lost GPU is left out of the batch and
-named in ``Batch.extra["error"]`` while the other GPUs keep reporting.
+named in ``Batch.extra["error"]`` (and ``["detail"]``) while the other GPUs keep reporting.
 
 Costs: each sample costs the time since that device's previous sample (the first sample of a
 device costs nothing: time not observed is not charged). ``energy_mj`` is the energy used in that
@@ -374,10 +374,11 @@ class NvmlCollector:
         if self._pending is None:
             self._pending = self._worker.submit(self._nvml.read)
         pending = self._pending
+        waiting = asyncio.wrap_future(pending)
+        # If we stop waiting, nobody reads the outcome: fetch it so asyncio does not complain.
+        waiting.add_done_callback(_consume)
         try:
-            result = await asyncio.wait_for(
-                asyncio.shield(asyncio.wrap_future(pending)), self.call_timeout_s
-            )
+            result = await asyncio.wait_for(asyncio.shield(waiting), self.call_timeout_s)
         except TimeoutError:
             # The call is still running in the worker; the next poll waits on the same call
             # instead of queueing another behind it.
@@ -417,7 +418,10 @@ class NvmlCollector:
         for key in list(self._previous):
             if key not in seen:
                 del self._previous[key]
-        extra = {"error": "; ".join(result.lost)} if result.lost else {}
+        # The runner shows "detail" in the Sources pane; "error" names the same problem for
+        # whoever wants to record it as the source's last error while the others report.
+        lost = "; ".join(result.lost)
+        extra = {"error": lost, "detail": lost} if lost else {}
         return Batch(gpu=tuple(samples), extra=extra)
 
     def _device_samples(self, device: _Reading, ts: datetime) -> list[GpuSample]:
@@ -490,6 +494,11 @@ class NvmlCollector:
         low = device.util_pct is not None and device.util_pct < IDLE_UTIL_PCT
         idle = cost if no_instance or low else Decimal(0)
         return _Costed(cost, idle, ref, float(seconds), energy)
+
+
+def _consume(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def _energy(previous: _Previous, device: _Reading, seconds: Decimal) -> int | None:

@@ -113,8 +113,9 @@ def _parse_line(line: str) -> Sample:
             raise PrometheusParseError("not a metric name")
         name, pos = match.group(), match.end()
     labels: list[tuple[str, str]] = []
-    if pos < len(line) and line[pos] == "{":
-        pos, quoted_name = _parse_labels(line, pos + 1, labels)
+    brace = _skip_spaces(line, pos)
+    if brace < len(line) and line[brace] == "{":
+        pos, quoted_name = _parse_labels(line, brace + 1, labels)
         if quoted_name is not None:
             if name:
                 raise PrometheusParseError("two metric names")

@@ -132,6 +132,7 @@ class Runner:
         self.max_backoff_s = max_backoff_s
         self.failures: dict[str, int] = {}
         self._retry_after: dict[str, float | None] = {}
+        self._backfilling: set[str] = set()
         self._watermarks: dict[str, datetime | None] = {}
         self._stopped = False
         self._stop: asyncio.Event | None = None
@@ -165,9 +166,20 @@ class Runner:
             await asyncio.gather(*tasks, return_exceptions=True)
             await self.aclose()
 
-    async def run_once(self) -> dict[str, bool]:
-        """Poll every source once, concurrently; returns which succeeded."""
-        results = await asyncio.gather(*(self.poll(c) for c in self.collectors))
+    async def run_once(self, max_polls: int = 40) -> dict[str, bool]:
+        """Poll every source once, concurrently; returns which succeeded. A source that is
+        backfilling in chunks is polled again until its backfill is done (``max_polls`` at most).
+        """
+
+        async def complete(collector: Collector) -> bool:
+            ok = await self.poll(collector)
+            polls = 1
+            while ok and collector.name in self._backfilling and polls < max_polls:
+                ok = await self.poll(collector)
+                polls += 1
+            return ok
+
+        results = await asyncio.gather(*(complete(c) for c in self.collectors))
         return {c.name: ok for c, ok in zip(self.collectors, results, strict=True)}
 
     async def run_once_and_close(self) -> dict[str, bool]:
@@ -201,7 +213,8 @@ class Runner:
         failures = self.failures.get(collector.name, 0)
         retry = self._retry_after.get(collector.name)
         if not failures:
-            return float(collector.interval_s)
+            # A backfill in chunks goes on at once; the source bounds each chunk itself.
+            return 0.0 if collector.name in self._backfilling else float(collector.interval_s)
         base = float(collector.interval_s) * (2 ** min(failures - 1, 10))
         delay = min(self.max_backoff_s, base) * random.uniform(0.8, 1.2)
         if retry is not None:
@@ -245,6 +258,9 @@ class Runner:
         if batch.progress is not None and batch.progress < 1:
             state = "backfilling"
             detail = f"backfill {batch.progress:.0%}"
+            self._backfilling.add(collector.name)
+        else:
+            self._backfilling.discard(collector.name)
         if batch.progress is not None and self.on_progress is not None:
             self.on_progress(collector.name, batch.progress)
         lag = None

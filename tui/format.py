@@ -6,7 +6,7 @@ known" and is shown as an em dash, never as zero.
 
 from __future__ import annotations
 
-from decimal import ROUND_HALF_EVEN, Decimal
+from decimal import ROUND_HALF_UP, Decimal
 
 MISSING = "—"
 """What an unknown value looks like."""
@@ -23,7 +23,7 @@ def _sig(value: Decimal, digits: int) -> str:
     exponent = value.adjusted()  # -4 for 0.00042
     places = max(2, digits - 1 - exponent)
     quantum = Decimal(1).scaleb(-places)
-    return f"{value.quantize(quantum, rounding=ROUND_HALF_EVEN):f}"
+    return f"{value.quantize(quantum, rounding=ROUND_HALF_UP):f}"
 
 
 def usd(value: Decimal | float | int | None) -> str:
@@ -37,7 +37,7 @@ def usd(value: Decimal | float | int | None) -> str:
     if v == 0:
         return "$0.00"
     if v >= Decimal("0.01"):
-        return f"{sign}${v.quantize(Decimal('0.01'), rounding=ROUND_HALF_EVEN):,.2f}"
+        return f"{sign}${v.quantize(Decimal('0.01'), rounding=ROUND_HALF_UP):,.2f}"
     return f"{sign}${_sig(v, 2)}"
 
 
@@ -52,7 +52,7 @@ def usd_unit(value: Decimal | float | int | None) -> str:
     if v == 0:
         return "$0"
     if v >= 1:
-        return f"{sign}${v.quantize(Decimal('0.01'), rounding=ROUND_HALF_EVEN):,.2f}"
+        return f"{sign}${v.quantize(Decimal('0.01'), rounding=ROUND_HALF_UP):,.2f}"
     return f"{sign}${_sig(v, 3)}"
 
 

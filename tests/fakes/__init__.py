@@ -25,8 +25,8 @@ from tests.fakes.provider_server import (
 
 __all__ = [
     "ANTHROPIC_KEY",
-    "KEY_ENV",
     "KEYS",
+    "KEY_ENV",
     "OPENAI_KEY",
     "Behaviour",
     "FakeProviderServer",

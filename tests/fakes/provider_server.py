@@ -153,6 +153,8 @@ class Fault:
     retry_after: str | None = None
     delay_s: float = 2.0
     """How long a ``timeout`` fault stalls before answering."""
+    message: str | None = None
+    """The error message of a status fault (default ``fake <status>``)."""
     seen: int = 0
     fired: int = 0
 
@@ -287,7 +289,7 @@ class FakeProviderServer:
         self._httpd = httpd
         self._stopping.clear()
         self._thread = threading.Thread(
-            target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+            target=httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
         )
         self._thread.start()
         return self
@@ -355,6 +357,7 @@ class FakeProviderServer:
         path: str = "",
         retry_after: str | None = None,
         delay_s: float = 2.0,
+        message: str | None = None,
     ) -> Fault:
         """Script a failure.
 
@@ -370,10 +373,11 @@ class FakeProviderServer:
             path: a substring of the request path (``"usage"``, ``"cost"``, ``"organizations"``).
             retry_after: the ``Retry-After`` header of a status fault.
             delay_s: the stall of a ``timeout`` fault.
+            message: the error message of a status fault.
         """
         if kind not in FAULT_STATUSES and kind not in FAULT_KINDS:
             raise ValueError(f"unknown fault {kind!r}")
-        fault = Fault(kind, nth, times, path, retry_after, delay_s)
+        fault = Fault(kind, nth, times, path, retry_after, delay_s, message)
         with self._lock:
             self._faults.append(fault)
         return fault
@@ -1084,6 +1088,7 @@ _FAULT_KINDS = {
 class _Handler(BaseHTTPRequestHandler):
     fake: FakeProviderServer
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
 
     def log_message(self, format: str, *args: Any) -> None:
         pass
@@ -1104,7 +1109,9 @@ class _Handler(BaseHTTPRequestHandler):
             status = FAULT_STATUSES[fault.kind]
             fault_name = fault.kind
             kind = _FAULT_KINDS[status]
-            body = json.dumps(_error_body(provider, status, kind, f"fake {fault.kind}")).encode()
+            body = json.dumps(
+                _error_body(provider, status, kind, fault.message or f"fake {fault.kind}")
+            ).encode()
             if fault.retry_after is not None:
                 extra_headers["Retry-After"] = fault.retry_after
         elif fake._rate_limited(time.monotonic()):
@@ -1171,7 +1178,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.flush()
             self._hard_close()
             return
-        self._send(200, cut, {}, provider)  # malformed: a complete response of broken JSON
+        # malformed: a complete response of broken JSON
+        self._send(200, cut, {"Connection": "close"}, provider)
 
     def _hard_close(self) -> None:
         try:

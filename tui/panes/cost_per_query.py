@@ -19,15 +19,16 @@ GROUP_LABELS = {"model": "Model", "project": "Project", "api_key": "API key", "t
 """Column heading of the first column for each grouping."""
 
 COLUMNS: tuple[tuple[str, str, int], ...] = (
-    ("cost", "Cost", 10),
-    ("requests", "Reqs", 8),
     ("per_request", "$/req", 10),
+    ("change", "Δ $/req", 8),
+    ("requests", "Reqs", 7),
+    ("cost", "Cost", 9),
     ("in", "In/req", 7),
     ("out", "Out/req", 7),
     ("cache", "Cache", 6),
-    ("change", "Δ $/req", 8),
 )
-"""Columns after the name: key, heading, width."""
+"""Columns after the name, most telling first (a narrow pane scrolls the rest): key,
+heading, width."""
 
 
 class CostPerQueryPane(Pane):
@@ -41,6 +42,7 @@ class CostPerQueryPane(Pane):
         super().__init__(stale_after=stale_after)
         self.group = "model"
         self._row_keys: list[str] = []
+        self._name_w = 0
 
     def compose_body(self) -> Iterable[Widget]:
         yield ThemedTable(id="cost-table", cursor_type="row", zebra_stripes=True)
@@ -59,11 +61,16 @@ class CostPerQueryPane(Pane):
         """Keys of the rows shown, in order."""
         return list(self._row_keys)
 
+    def _name_width(self) -> int:
+        fixed = sum(w + 2 for _, _, w in COLUMNS) + 2
+        return max(14, min(28, self.inner_width - fixed - 1))
+
     def _set_columns(self, group: str) -> None:
         table = self.table
         table.clear(columns=True)
         self._row_keys = []
-        table.add_column(GROUP_LABELS.get(group, group), key="name", width=22)
+        self._name_w = self._name_width()
+        table.add_column(GROUP_LABELS.get(group, group), key="name", width=self._name_w)
         for key, label, width in COLUMNS:
             table.add_column(Text(label, justify="right"), key=key, width=width)
         self.group = group
@@ -80,9 +87,7 @@ class CostPerQueryPane(Pane):
         else:
             mark = "*" if partial else ""
             cells["cost"] = cell(fmt.usd(t.cost) + mark, right=True)
-            cells["per_request"] = cell(
-                fmt.usd_unit(t.cost_per_request) + mark, "bold", right=True
-            )
+            cells["per_request"] = cell(fmt.usd_unit(t.cost_per_request) + mark, "bold", right=True)
         per = t.requests or None
         cells["requests"] = cell(fmt.count(t.requests), right=True)
         cells["in"] = cell(fmt.tokens(t.input_total / per) if per else fmt.MISSING, right=True)
@@ -101,7 +106,7 @@ class CostPerQueryPane(Pane):
     def apply(self, snapshot: Snapshot) -> None:
         req = snapshot.request
         self.badge.show(snapshot.newest_usage, snapshot.now)
-        if req.group != self.group:
+        if req.group != self.group or self._name_w != self._name_width():
             self._set_columns(req.group)
         self.set_info(
             Content.assemble(

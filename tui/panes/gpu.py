@@ -47,7 +47,7 @@ class GpuPane(Pane):
             )
         )
         width = self.inner_width - 1
-        name_w = max(10, width - 4 * (FIG + 1))
+        name_w = max(10, min(28, width - 4 * (FIG + 1)))
         lines: list[Content] = []
         if not g.devices:
             source = snapshot.gpu_source()
@@ -74,7 +74,9 @@ class GpuPane(Pane):
                 util = "n/a" if d.util_pct is None else f"{d.util_pct:.0f}%"
                 power = "n/a" if d.power_w is None else f"{d.power_w:.0f}W"
                 idle = _idle_per_hour(d)
-                idle_role = "$warning" if idle and d.usd_per_hour and idle > d.usd_per_hour / 2 else ""
+                idle_role = (
+                    "$warning" if idle and d.usd_per_hour and idle > d.usd_per_hour / 2 else ""
+                )
                 lines.append(
                     Content.assemble(
                         f"{label:<{name_w}}",

@@ -23,15 +23,15 @@ COLUMNS: tuple[tuple[str, str, int, bool], ...] = (
     ("last_ok", "Last ok", 7, True),
     ("lag", "Lag", 6, True),
     ("calls", "Calls/h", 7, True),
-    ("error", "Last error", 48, False),
+    ("error", "Last error", 0, False),
 )
-"""Key, heading, width, right-aligned."""
+"""Key, heading, width (0: the rest of the pane), right-aligned."""
 
 
 def state_role(state: str) -> Role:
     """Colour role of a source state: failures red, healthy green, anything else amber."""
     s = state.lower()
-    if any(word in s for word in ("auth", "error", "fail", "unavailable", "dead")):
+    if any(word in s for word in ("auth", "error", "fail", "dead")):
         return "error"
     if s in ("ok", "live", "running", "idle", "healthy"):
         return "success"
@@ -64,17 +64,30 @@ class SourcesPane(Pane):
         super().__init__(stale_after=stale_after, empty_text="no sources")
         self.cpu = CpuMeter()
         self._row_keys: list[str] = []
+        self._error_w = 0
 
     def compose_body(self) -> Iterable[Widget]:
         yield ThemedTable(id="sources-table", cursor_type="row", zebra_stripes=True)
         yield Static("", id="sources-monitor")
 
-    def on_mount(self) -> None:
+    def _error_width(self) -> int:
+        fixed = sum(w + 2 for _, _, w, _ in COLUMNS) + 2 + 1
+        return max(20, self.inner_width - fixed - 2)
+
+    def _set_columns(self) -> None:
         table = self.table
+        table.clear(columns=True)
+        self._row_keys = []
+        self._error_w = self._error_width()
         for key, label, width, right in COLUMNS:
             table.add_column(
-                Text(label, justify="right" if right else "left"), key=key, width=width
+                Text(label, justify="right" if right else "left"),
+                key=key,
+                width=width or self._error_w,
             )
+
+    def on_mount(self) -> None:
+        self._set_columns()
 
     @property
     def table(self) -> ThemedTable:
@@ -101,7 +114,9 @@ class SourcesPane(Pane):
         }
 
     def apply(self, snapshot: Snapshot) -> None:
-        rows = snapshot.sources
+        # Failing sources first: in a short terminal only the top rows show.
+        order = {"error": 0, "warning": 1, "": 2, "success": 2}
+        rows = sorted(snapshot.sources, key=lambda s: (order[state_role(s.state)], s.name))
         newest = max((s.last_success for s in rows if s.last_success), default=None)
         self.badge.show(newest, snapshot.now)
         failing = sum(state_role(s.state) == "error" for s in rows)
@@ -112,6 +127,8 @@ class SourcesPane(Pane):
                 (f" · {failing} failing", "bold $error") if failing else "",
             )
         )
+        if self._error_w != self._error_width():
+            self._set_columns()
         table = self.table
         keys = [s.name for s in rows]
         if keys == self._row_keys:
@@ -134,7 +151,5 @@ class SourcesPane(Pane):
                 ("  api calls ", muted),
                 (f"{fmt.count(calls)}/h", "bold"),
                 (f" ({calls / 60:.1f}/min)", muted),
-                ("  query ", muted),
-                f"{len(rows)} rows",
             )
         )

@@ -59,7 +59,7 @@ class SpendPane(Pane):
         req = snapshot.request
         self.set_info(
             Content.assemble(
-                (req.window, "bold"), " window · ", ("estimated", "italic"), " (tokens × prices)"
+                (req.window, "bold"), " window · ", ("estimated", "italic"), " (tokens x prices)"
             )
         )
         width = self.inner_width
@@ -93,7 +93,9 @@ class SpendPane(Pane):
             ),
         ]
         if s.budget_daily is None and s.budget_monthly is None:
-            lines.append(Content.assemble((f"{'budget':<{LABEL}}", muted), ("no budget set", muted)))
+            lines.append(
+                Content.assemble((f"{'budget':<{LABEL}}", muted), ("no budget set", muted))
+            )
         else:
             if s.budget_daily is not None:
                 line, _ = _budget_line("budget", s.today, s.budget_daily, "day", width)
@@ -121,7 +123,7 @@ class SpendPane(Pane):
                 Content.assemble(
                     (" ▲ SPIKE ", "reverse bold $error"),
                     (
-                        f" 5m burn is {ratio:.1f}× the 60m rate" if ratio else " 5m burn jumped",
+                        f" 5m burn is {ratio:.1f}x the 60m rate" if ratio else " 5m burn jumped",
                         "$error",
                     ),
                 )
@@ -135,24 +137,25 @@ class SpendPane(Pane):
                 )
             )
         if snapshot.billed:
-            lines.append(Content.assemble(("billed vs estimated", muted), " (days billed)"))
+            lines.append(
+                Content.styled(
+                    f"{'billed days':<{LABEL + 4}}{'est.':>{MONEY}}{'billed':>{MONEY}}"
+                    f"{'gap':>{MONEY}}",
+                    muted,
+                )
+            )
             for gap in snapshot.billed:
                 share = float(gap.gap / gap.estimated) if gap.estimated else None
-                lines.append(
-                    Content.assemble(
-                        f" {gap.provider:<10}",
-                        ("est ", muted),
-                        fmt.usd(gap.estimated),
-                        ("  billed ", muted),
-                        (fmt.usd(gap.billed), "bold"),
-                        ("  gap ", muted),
-                        (
-                            fmt.usd_signed(gap.gap)
-                            + (f" ({'+' if share > 0 else ''}{fmt.pct(share)})" if share else ""),
-                            "$warning" if share and abs(share) > 0.05 else "",
-                        ),
-                    )
+                line = Content.assemble(
+                    f" {gap.provider:<{LABEL + 3}}",
+                    f"{fmt.usd(gap.estimated):>{MONEY}}",
+                    (f"{fmt.usd(gap.billed):>{MONEY}}", "bold"),
                 )
+                gap_text = f"{fmt.usd_signed(gap.gap):>{MONEY}}"
+                if share and line.cell_length + len(gap_text) + 8 <= width:
+                    gap_text += f" {'+' if share > 0 else ''}{fmt.pct(share)}"
+                role = "$warning" if share is None or abs(share) > 0.05 else ""
+                lines.append(line + Content.styled(gap_text, role))
         self.query_one("#spend-figures", Static).update(Content("\n").join(lines))
         chart = self.query_one(TimeChart)
         chart.data = tuple(float(v) for v in snapshot.series)

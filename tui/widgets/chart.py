@@ -7,6 +7,7 @@ jagged; money needs a zero baseline. This widget is the one place to swap in ano
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import ClassVar
 
 from rich.text import Text
 from textual.reactive import reactive
@@ -45,7 +46,7 @@ class TimeChart(Widget):
     TimeChart > .timechart--base { color: $foreground 25%; }
     """
 
-    COMPONENT_CLASSES = {"timechart--bar", "timechart--base"}
+    COMPONENT_CLASSES: ClassVar[set[str]] = {"timechart--bar", "timechart--base"}
 
     data: reactive[tuple[float | None, ...]] = reactive(tuple, layout=False)
     """The series, oldest first."""

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import ClassVar
 
 from textual.app import ComposeResult
-from textual.binding import Binding
+from textual.binding import Binding, BindingType
 from textual.containers import Vertical
 from textual.screen import ModalScreen
 from textual.widgets import DataTable, Static
@@ -28,7 +29,7 @@ class HelpScreen(ModalScreen[None]):
     HelpScreen #help-foot { color: $text-muted; padding-top: 1; }
     """
 
-    BINDINGS = [
+    BINDINGS: ClassVar[list[BindingType]] = [
         Binding("escape", "dismiss", "Close", id="help-close"),
         Binding("question_mark", "dismiss", "Close", show=False, id="help-close-2"),
         Binding("q", "dismiss", "Close", show=False, id="help-close-3"),
@@ -41,9 +42,7 @@ class HelpScreen(ModalScreen[None]):
     def compose(self) -> ComposeResult:
         with Vertical() as box:
             box.border_title = "tokentop keys"
-            table: DataTable[str] = DataTable(
-                show_cursor=False, zebra_stripes=True, id="help-keys"
-            )
+            table: DataTable[str] = DataTable(show_cursor=False, zebra_stripes=True, id="help-keys")
             table.add_column("Key", key="key", width=8)
             table.add_column("Action", key="action", width=48)
             for i, (key, description) in enumerate(self.keys):

@@ -7,7 +7,7 @@ wrapped in ``Text`` so that a model or tag name is never parsed as markup.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from rich.text import Text
 from textual.widgets import DataTable
@@ -23,11 +23,11 @@ class ThemedTable(DataTable[Text]):
     ThemedTable > .themed--warning { color: $warning; }
     ThemedTable > .themed--success { color: $success; }
     ThemedTable > .themed--accent { color: $accent; }
-    ThemedTable > .themed--muted { color: $text-muted; }
+    ThemedTable > .themed--muted { text-style: dim; }
     ThemedTable > .themed--bold { text-style: bold; }
     """
 
-    COMPONENT_CLASSES = {
+    COMPONENT_CLASSES: ClassVar[set[str]] = {
         "themed--error",
         "themed--warning",
         "themed--success",
@@ -35,6 +35,16 @@ class ThemedTable(DataTable[Text]):
         "themed--muted",
         "themed--bold",
     }
+
+    def on_mount(self) -> None:
+        self.show_cursor = self.has_focus
+
+    def on_focus(self) -> None:
+        # The cursor only shows where the keys go; otherwise it hides a row's colours.
+        self.show_cursor = True
+
+    def on_blur(self) -> None:
+        self.show_cursor = False
 
     def cell(self, text: str, role: Role = "", *, right: bool = False) -> Text:
         """A cell of ``text`` in the colour of ``role``, right-aligned for figures."""

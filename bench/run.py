@@ -1,0 +1,368 @@
+"""Print tokentop's ingest rate and pane refresh times on a generated history.
+
+``python -m bench.run [--days 30] [--keep DB] [--reps 20] [--ingest-rows 200000]``
+
+1. **Ingest**: ``Store.write_batch`` of one-minute usage buckets, in rows per second, as a share
+   of a raw ``executemany`` of the same rows into a plain table with the same columns (same
+   PRAGMAs, same transactions), best of several runs, all in this process. The price step
+   (``price_batch``) is timed on its own.
+2. **Pane refresh queries**: p50 and p95 of every query a pane refresh runs, for each time window,
+   with "now" at the end of the generated history, and of one full refresh (all of them).
+
+Timings only; nothing here asserts. See ``bench/README.md`` for what each figure means.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import math
+import os
+import platform
+import sqlite3
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from bench.generate import DAY, DEFAULT_END, dataset_info, day_usage, generate, make_series
+from bench.generate import print_summary as print_generation
+from collectors.runner import price_batch
+from pricing.book import PriceBook
+from store import queries
+from store.db import Store
+from store.records import Batch, UsageBucket, to_epoch
+
+WINDOWS: dict[str, timedelta] = {
+    "15m": timedelta(minutes=15),
+    "1h": timedelta(hours=1),
+    "6h": timedelta(hours=6),
+    "24h": timedelta(hours=24),
+    "7d": timedelta(days=7),
+    "30d": timedelta(days=30),
+}
+INGEST_TARGET = 0.50
+"""``write_batch`` rows/s as a share of raw ``executemany``."""
+REFRESH_TARGET_MS = 50.0
+"""p95 of a full refresh (and so of every query in it)."""
+
+
+# Ingest
+
+
+def ingest_data(rows: int, series: int, seed: int) -> list[list[UsageBucket]]:
+    """``rows`` unpriced one-minute buckets from the generator, in batches of one UTC day each
+    (time order, as a backfill writes them)."""
+    all_series = make_series(series, seed)
+    end_s = to_epoch(DEFAULT_END)
+    day = end_s // DAY - 60  # whole days, before the history a kept database holds
+    batches: list[list[UsageBucket]] = []
+    left = rows
+    while left > 0:
+        usage = day_usage(all_series, seed, day, day * DAY, (day + 1) * DAY, end_s)[:left]
+        batches.append(usage)
+        left -= len(usage)
+        day += 1
+    return batches
+
+
+def _row(b: UsageBucket) -> tuple[Any, ...]:
+    # The same columns, in the same order, as Store._write_usage.
+    return (
+        to_epoch(b.start),
+        b.source,
+        b.width_s,
+        b.provider,
+        b.model,
+        b.project,
+        b.api_key,
+        b.workspace,
+        b.tag,
+        b.service_tier,
+        b.batch,
+        b.context_window,
+        b.input_uncached,
+        b.cache_read,
+        b.cache_write_5m,
+        b.cache_write_1h,
+        b.output,
+        b.requests,
+        b.web_searches,
+        b.cost_nano,
+        int(b.priced),
+        b.price_ref,
+    )
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(path)
+    conn.isolation_level = None
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("PRAGMA synchronous = NORMAL")
+    return conn
+
+
+def _raw(path: Path, batches: Sequence[Sequence[tuple[Any, ...]]], keyed: bool) -> float:
+    """Seconds to ``executemany`` the rows, one transaction per batch.
+
+    ``keyed``: into the store's own ``usage`` table (its primary key, ``INSERT OR REPLACE``);
+    otherwise into a plain table with the same columns and declared types, and no key.
+    """
+    Store(path).close()
+    conn = _connect(path)
+    columns = [(r[1], r[2]) for r in conn.execute("PRAGMA table_info(usage)")]
+    if keyed:
+        table, verb = "usage", "INSERT OR REPLACE"
+    else:
+        table, verb = "raw_usage", "INSERT"
+        conn.execute(f"CREATE TABLE raw_usage ({', '.join(f'{n} {t}' for n, t in columns)})")
+    sql = f"{verb} INTO {table} VALUES ({', '.join('?' * len(columns))})"
+    gc.collect()
+    began = time.perf_counter()
+    for rows in batches:
+        conn.execute("BEGIN")
+        conn.executemany(sql, rows)
+        conn.execute("COMMIT")
+    elapsed = time.perf_counter() - began
+    conn.close()
+    return elapsed
+
+
+def _store(path: Path, batches: Sequence[Batch]) -> float:
+    with Store(path) as store:
+        gc.collect()
+        began = time.perf_counter()
+        for batch in batches:
+            store.write_batch(batch)
+        return time.perf_counter() - began
+
+
+def _price(batches: Sequence[Batch]) -> float:
+    book = PriceBook()  # cold: each model's rates are resolved once per hour, as in production
+    gc.collect()
+    began = time.perf_counter()
+    for batch in batches:
+        price_batch(book, batch)
+    return time.perf_counter() - began
+
+
+def bench_ingest(rows: int, series: int, seed: int, reps: int) -> None:
+    """Print ingest rates, best of ``reps`` each, the variants interleaved so noise hits all."""
+    unpriced = [Batch(usage=tuple(b)) for b in ingest_data(rows, series, seed)]
+    n = sum(len(b.usage) for b in unpriced)
+    book = PriceBook()
+    priced = [price_batch(book, b) for b in unpriced]
+    tuples = [[_row(u) for u in b.usage] for b in priced]
+    best: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="tokentop-ingest-") as tmp:
+        for rep in range(reps):
+            runs: dict[str, Callable[[Path], float]] = {
+                "plain": lambda p: _raw(p, tuples, keyed=False),
+                "keyed": lambda p: _raw(p, tuples, keyed=True),
+                "store": lambda p: _store(p, priced),
+            }
+            for name, run in runs.items():
+                path = Path(tmp) / f"{name}-{rep}.db"
+                best[name] = min(best.get(name, math.inf), run(path))
+                for suffix in ("", "-wal", "-shm"):
+                    Path(f"{path}{suffix}").unlink(missing_ok=True)
+            best["price"] = min(best.get("price", math.inf), _price(unpriced))
+    rate = {k: n / v for k, v in best.items()}
+    share = rate["store"] / rate["plain"]
+    print(
+        f"\nIngest: {n:,} one-minute usage buckets in {len(priced)} batches (one UTC day, "
+        f"one transaction each), best of {reps}"
+    )
+    lines = [
+        ("raw executemany, plain table, same columns", rate["plain"], "100%", ""),
+        (
+            "raw executemany, the store's usage table",
+            rate["keyed"],
+            f"{rate['keyed'] / rate['plain']:.0%}",
+            "same key, INSERT OR REPLACE; no rollup",
+        ),
+        (
+            "Store.write_batch (rollups included)",
+            rate["store"],
+            f"{share:.0%}",
+            f"target >= {INGEST_TARGET:.0%} of raw: {'PASS' if share >= INGEST_TARGET else 'FAIL'}",
+        ),
+        ("price_batch (PriceBook, cold cache)", rate["price"], "", "buckets/s, not a share"),
+    ]
+    for label, r, pct, note in lines:
+        print(f"  {label:44s} {r:>10,.0f} rows/s {pct:>5s}  {note}")
+
+
+# Queries
+
+
+@dataclass(frozen=True, slots=True)
+class Timing:
+    """Milliseconds of each run."""
+
+    runs: list[float]
+
+    def pct(self, q: float) -> float:
+        """Nearest-rank percentile."""
+        ordered = sorted(self.runs)
+        return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
+
+
+def pane_queries(
+    store: Store, now: datetime, window: timedelta
+) -> list[tuple[str, Callable[[], object]]]:
+    """Every query of one refresh of every pane, as the panes call them."""
+    start, end = now - window, now
+    step = queries.series_step(start, end)
+    gstep = queries.series_step(start, end, 60)
+    out: list[tuple[str, Callable[[], object]]] = [
+        ("spend_summary", lambda: queries.spend_summary(store, now)),
+        ("totals", lambda: queries.totals(store, start, end)),
+        ("spend_series", lambda: queries.spend_series(store, start, end, step)),
+    ]
+    for group in queries.GROUPS:
+        out.append((f"cost_by {group}", lambda g=group: queries.cost_by(store, start, end, g)))
+    out += [
+        ("model_mix", lambda: queries.model_mix(store, start, end)),
+        ("unpriced", lambda: queries.unpriced(store, start, end)),
+        ("billed_vs_estimated", lambda: queries.billed_vs_estimated(store, start, end)),
+        ("gpu_overview", lambda: queries.gpu_overview(store, start, end)),
+        ("gpu_series", lambda: queries.gpu_series(store, start, end, gstep)),
+        ("sources", lambda: queries.sources(store, now)),
+        ("newest_usage", lambda: queries.newest_usage(store, now)),
+    ]
+    return out
+
+
+def _snapshot_refresh(store: Store, now: datetime, window: str) -> Callable[[], object] | None:
+    """The TUI's own refresh (one ``cost_by`` group), when its headless module imports."""
+    try:
+        from tui.snapshot import WINDOWS as TUI_WINDOWS
+        from tui.snapshot import RefreshRequest, build_snapshot
+    except ImportError:
+        return None
+    if window not in TUI_WINDOWS:
+        return None
+    request = RefreshRequest(seq=0, now=now, window=window)
+    return lambda: build_snapshot(store, request)
+
+
+def bench_queries(store: Store, now: datetime, reps: int) -> bool:
+    """Print the p50/p95 table; True when every full refresh meets the target."""
+    table: dict[str, dict[str, Timing]] = {}
+    for wname, window in WINDOWS.items():
+        calls = pane_queries(store, now, window)
+        snapshot = _snapshot_refresh(store, now, wname)
+        for _, call in calls:  # warm the page cache and the statement cache
+            call()
+        runs: dict[str, list[float]] = {name: [] for name, _ in calls}
+        runs["full refresh (sum)"] = []
+        runs["tui build_snapshot"] = []
+        gc.collect()
+        for _ in range(reps):
+            total = 0.0
+            for name, call in calls:
+                began = time.perf_counter()
+                call()
+                ms = (time.perf_counter() - began) * 1000
+                runs[name].append(ms)
+                total += ms
+            runs["full refresh (sum)"].append(total)
+            if snapshot is not None:
+                began = time.perf_counter()
+                snapshot()
+                runs["tui build_snapshot"].append((time.perf_counter() - began) * 1000)
+        for name, values in runs.items():
+            if values:
+                table.setdefault(name, {})[wname] = Timing(values)
+    print(f"\nPane refresh queries: ms p50/p95 over {reps} runs, now = {now.isoformat()}")
+    print(f"  {'query':22s}" + "".join(f"{w:>14s}" for w in WINDOWS))
+    for name, by_window in table.items():
+        if name == "full refresh (sum)":
+            print("  " + "-" * (22 + 14 * len(WINDOWS)))
+        cells = [
+            f"{t.pct(0.5):.1f}/{t.pct(0.95):.1f}" if (t := by_window.get(w)) else "-"
+            for w in WINDOWS
+        ]
+        print(f"  {name:22s}" + "".join(f"{c:>14s}" for c in cells))
+    full = table["full refresh (sum)"]
+    ok = True
+    verdicts = []
+    for w in WINDOWS:
+        p95 = full[w].pct(0.95)
+        ok &= p95 <= REFRESH_TARGET_MS
+        verdicts.append(f"{w} {'PASS' if p95 <= REFRESH_TARGET_MS else 'FAIL'}")
+    slowest = max(
+        (
+            (t.pct(0.95), name, w)
+            for name, bw in table.items()
+            for w, t in bw.items()
+            if name not in ("full refresh (sum)", "tui build_snapshot")
+        ),
+    )
+    print(f"  full refresh p95 <= {REFRESH_TARGET_MS:.0f} ms: " + ", ".join(verdicts))
+    print(
+        f"  every single query p95 <= {REFRESH_TARGET_MS:.0f} ms: "
+        f"{'PASS' if slowest[0] <= REFRESH_TARGET_MS else 'FAIL'} "
+        f"(slowest: {slowest[1]} at {slowest[2]}, {slowest[0]:.1f} ms)"
+    )
+    return ok
+
+
+# Dataset
+
+
+def _dataset(args: argparse.Namespace, tmp: Path) -> Path:
+    if args.keep is not None and args.keep.exists():
+        with Store(args.keep, readonly=True) as store:
+            info = dataset_info(store)
+        wanted = {"days": args.days, "series": args.series, "seed": args.seed}
+        if info is None or any(info.get(k) != v for k, v in wanted.items()):
+            sys.exit(f"--keep {args.keep}: holds {info}, not {wanted}; delete it or pick another")
+        print(f"dataset: reusing {args.keep} ({info})")
+        return args.keep
+    path = args.keep if args.keep is not None else tmp / "bench.db"
+    print(f"dataset: generating {args.days} days x {args.series} series into {path}")
+    summary = generate(path, days=args.days, series=args.series, seed=args.seed)
+    print_generation(summary)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line entry point."""
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
+    parser.add_argument("--days", type=int, default=30, help="history to generate (2: quick)")
+    parser.add_argument("--series", type=int, default=40)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--keep", type=Path, help="database to reuse, or to generate and keep")
+    parser.add_argument("--reps", type=int, default=20, help="runs of each query per window")
+    parser.add_argument("--ingest-rows", type=int, default=200_000)
+    parser.add_argument("--ingest-reps", type=int, default=3)
+    parser.add_argument("--no-ingest", action="store_true")
+    parser.add_argument("--no-queries", action="store_true")
+    args = parser.parse_args(argv)
+    if min(args.days, args.series, args.reps, args.ingest_rows, args.ingest_reps) < 1:
+        parser.error("--days, --series, --reps, --ingest-rows and --ingest-reps must be >= 1")
+    print(
+        f"python {platform.python_version()}, sqlite {sqlite3.sqlite_version}, "
+        f"{os.cpu_count()} CPUs, {platform.machine()} {platform.system()}"
+    )
+    with tempfile.TemporaryDirectory(prefix="tokentop-bench-") as tmp:
+        if not args.no_ingest:
+            bench_ingest(args.ingest_rows, args.series, args.seed, args.ingest_reps)
+        if not args.no_queries:
+            print()
+            path = _dataset(args, Path(tmp))
+            with Store(path, readonly=True) as store:
+                info = dataset_info(store) or {}
+                end = datetime.fromisoformat(str(info.get("end", DEFAULT_END.isoformat())))
+                bench_queries(store, end, args.reps)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

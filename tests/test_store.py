@@ -1,0 +1,436 @@
+"""The SQLite store: WAL, idempotent replacement of buckets, rollups, health, watermarks, atomicity."""
+
+from __future__ import annotations
+
+import random
+import sqlite3
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from store import queries
+from store.db import Store
+from store.records import (
+    Batch,
+    BilledCost,
+    GpuSample,
+    InferenceSample,
+    MeteredRequest,
+    SourceHealth,
+    UsageBucket,
+    UsageWindow,
+    from_epoch,
+    nano_to_usd,
+    to_epoch,
+    usd_to_nano,
+)
+from tests.helpers import (
+    T0,
+    at,
+    bucket,
+    fine_totals,
+    nano,
+    usage_hour_expected,
+    usage_hour_rows,
+)
+
+
+@pytest.fixture
+def store(db_path: Path) -> Store:
+    s = Store(db_path)
+    yield s
+    s.close()
+
+
+def test_money_and_time_conversions_are_exact() -> None:
+    from decimal import Decimal
+
+    assert usd_to_nano(Decimal("0.008")) == 8_000_000
+    assert usd_to_nano(Decimal("0.0000000005")) == 0  # half to even
+    assert usd_to_nano(Decimal("0.0000000015")) == 2
+    assert nano_to_usd(8_000_000) == Decimal("0.008")
+    assert from_epoch(to_epoch(T0)) == T0
+    with pytest.raises(ValueError, match="naive"):
+        to_epoch(datetime(2025, 1, 1))  # noqa: DTZ001
+
+
+def test_wal_mode_and_schema(store: Store) -> None:
+    assert store.query("PRAGMA journal_mode")[0][0] == "wal"
+    assert store.get_meta("schema_version") == "1"
+    tables = {r[0] for r in store.query("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert {"usage", "usage_hour", "billed", "gpu", "gpu_hour", "inference"} <= tables
+    assert {"inference_hour", "request", "source", "source_calls", "meta"} <= tables
+
+
+def test_same_batch_written_many_times_leaves_totals_unchanged(store: Store) -> None:
+    batch = Batch(
+        usage=(
+            bucket(at(0), cost="0.50", requests=5, input_uncached=100, output=10),
+            bucket(at(1), cost="0.25", requests=2, model="gpt-4o-mini", project="p"),
+            bucket(at(61), cost=None, requests=3, model="mystery", output=7),
+        ),
+        windows=(UsageWindow("src", 60, at(0), at(62)),),
+    )
+    store.write_batch(batch)
+    once = queries.totals(store, at(-600), at(600))
+    for _ in range(4):
+        store.write_batch(batch)
+    again = queries.totals(store, at(-600), at(600))
+    assert again == once
+    assert once.cost == nano_to_usd(nano("0.75"))
+    assert once.requests == 10
+    assert once.unpriced_requests == 3
+    assert once.unpriced_tokens == 7
+    assert store.query("SELECT COUNT(*) FROM usage")[0][0] == 3
+    assert usage_hour_rows(store) == usage_hour_expected(store)
+
+
+def test_growing_open_bucket_is_replaced_not_added(store: Store) -> None:
+    for requests, cost in ((1, "0.01"), (4, "0.04"), (9, "0.09")):
+        store.write_usage([bucket(at(5), cost=cost, requests=requests)])
+    t = queries.totals(store, at(0), at(60))
+    assert t.requests == 9
+    assert t.cost == nano_to_usd(nano("0.09"))
+    assert store.query("SELECT SUM(requests) FROM usage_hour")[0][0] == 9
+
+
+def test_every_dimension_is_part_of_the_key(store: Store) -> None:
+    base = bucket(at(0), cost="1", requests=1)
+    variants = [
+        base,
+        *(
+            bucket(at(0), cost="1", requests=1, **{dim: "x"})
+            for dim in (
+                "project",
+                "api_key",
+                "workspace",
+                "tag",
+                "service_tier",
+                "batch",
+                "context_window",
+            )
+        ),
+        bucket(at(0), cost="1", requests=1, width_s=3600),
+        bucket(at(0), cost="1", requests=1, model="other"),
+        bucket(at(0), cost="1", requests=1, source="other"),
+    ]
+    store.write_usage(variants)
+    assert queries.totals(store, at(0), at(1)).requests == len(variants)
+
+
+def test_revised_window_drops_a_group_that_disappeared(store: Store) -> None:
+    first = Batch(
+        usage=(
+            bucket(at(0), cost="1", requests=1, project="a"),
+            bucket(at(0), cost="2", requests=2, project="b"),
+            bucket(at(1), cost="4", requests=4, project="b"),
+        ),
+        windows=(UsageWindow("src", 60, at(0), at(2)),),
+    )
+    store.write_batch(first)
+    revised = Batch(
+        usage=(bucket(at(0), cost="3", requests=3, project="a"),),
+        windows=(UsageWindow("src", 60, at(0), at(2)),),
+    )
+    store.write_batch(revised)
+    rows = store.query("SELECT project, requests FROM usage ORDER BY start, project")
+    assert [tuple(r) for r in rows] == [("a", 3)]
+    assert queries.totals(store, at(-300), at(300)).cost == 3
+    assert usage_hour_rows(store) == usage_hour_expected(store)
+
+
+def test_window_replaces_only_its_source_width_and_span(store: Store) -> None:
+    store.write_usage(
+        [
+            bucket(at(0), cost="1"),
+            bucket(at(0), cost="1", source="other"),
+            bucket(at(0), cost="1", width_s=3600),
+            bucket(at(10), cost="1"),  # outside the window below (end is exclusive)
+            bucket(at(-1), cost="1"),
+        ]
+    )
+    store.write_batch(Batch(windows=(UsageWindow("src", 60, at(0), at(10)),)))
+    rows = store.query("SELECT start, source, width FROM usage ORDER BY start, source, width")
+    assert [tuple(r) for r in rows] == [
+        (to_epoch(at(-1)), "src", 60),
+        (to_epoch(at(0)), "other", 60),
+        (to_epoch(at(0)), "src", 3600),
+        (to_epoch(at(10)), "src", 60),
+    ]
+    assert usage_hour_rows(store) == usage_hour_expected(store)
+
+
+def _random_bucket(rng: random.Random, base: datetime) -> UsageBucket:
+    minute = rng.randrange(-90, 8 * 60)
+    priced = rng.random() < 0.8
+    return bucket(
+        base + timedelta(minutes=minute),
+        source=rng.choice(("s1", "s2")),
+        provider=rng.choice(("openai", "anthropic")),
+        model=rng.choice(("m1", "m2", "m3")),
+        project=rng.choice(("", "p1", "p2")),
+        tag=rng.choice(("", "prod")),
+        cost=rng.randrange(0, 10**7) if priced else None,
+        requests=rng.randrange(0, 50),
+        input_uncached=rng.randrange(0, 10**5),
+        cache_read=rng.randrange(0, 10**4),
+        cache_write_5m=rng.randrange(0, 10**3),
+        cache_write_1h=rng.randrange(0, 10**3),
+        output=rng.randrange(0, 10**4),
+        web_searches=rng.randrange(0, 3),
+    )
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_rollup_matches_fine_table_after_random_rewrites(db_path: Path, seed: int) -> None:
+    rng = random.Random(seed)
+    base = T0 + timedelta(seconds=rng.randrange(0, 3600))
+    with Store(db_path) as store:
+        for _ in range(8):
+            usage = tuple(_random_bucket(rng, base) for _ in range(rng.randrange(0, 40)))
+            windows: tuple[UsageWindow, ...] = ()
+            if rng.random() < 0.6:
+                lo = base + timedelta(minutes=rng.randrange(-90, 8 * 60))
+                hi = lo + timedelta(minutes=rng.randrange(1, 240))
+                source = rng.choice(("s1", "s2"))
+                windows = (UsageWindow(source, 60, lo, hi),)
+                # A poll only returns buckets inside the window it re-read.
+                usage = tuple(
+                    b
+                    for b in usage
+                    if b.source != source or lo <= b.start < hi or rng.random() < 0.5
+                )
+            batch = Batch(usage=usage, windows=windows)
+            for _ in range(rng.randrange(1, 3)):
+                store.write_batch(batch)
+            assert usage_hour_rows(store) == usage_hour_expected(store)
+            for _ in range(6):
+                lo = base + timedelta(seconds=rng.randrange(-2 * 3600, 9 * 3600))
+                hi = lo + timedelta(seconds=rng.randrange(0, 10 * 3600))
+                assert queries.totals(store, lo, hi) == fine_totals(store, lo, hi), (lo, hi)
+        # Whole-range windows take the rollup path for most hours.
+        lo, hi = base - timedelta(hours=3), base + timedelta(hours=10)
+        assert queries.totals(store, lo, hi) == fine_totals(store, lo, hi)
+
+
+def test_rebuild_rollups_equals_incremental_rollups(store: Store) -> None:
+    rng = random.Random(99)
+    store.write_usage([_random_bucket(rng, T0) for _ in range(200)])
+    incremental = usage_hour_rows(store)
+    store.rebuild_rollups()
+    assert usage_hour_rows(store) == incremental == usage_hour_expected(store)
+
+
+def test_billed_days_replace_their_days_of_one_source(store: Store) -> None:
+    d1, d2, d3 = (datetime(2025, 3, d, tzinfo=T0.tzinfo) for d in (1, 2, 3))
+    store.write_batch(
+        Batch(
+            billed=(
+                BilledCost("oa", "openai", d1, nano("5"), project="p1"),
+                BilledCost("oa", "openai", d1, nano("6"), project="p2"),
+                BilledCost("oa", "openai", d2, nano("7"), project="p1"),
+                BilledCost("oa", "openai", d3, nano("8"), project="p1"),
+                BilledCost("an", "anthropic", d1, nano("9")),
+            )
+        )
+    )
+    store.write_batch(
+        Batch(
+            billed=(BilledCost("oa", "openai", d1, nano("5.5"), project="p1"),),
+            billed_days=(("oa", d1, d3),),
+        )
+    )
+    rows = store.query("SELECT day, source, project, amount_nano FROM billed ORDER BY day, source")
+    assert [tuple(r) for r in rows] == [
+        (to_epoch(d1), "an", "", nano("9")),
+        (to_epoch(d1), "oa", "p1", nano("5.5")),
+        (to_epoch(d3), "oa", "p1", nano("8")),
+    ]
+
+
+def _gpu(ts: datetime, device: str = "GPU-0", cost: str = "0.01", idle: str = "0") -> GpuSample:
+    return GpuSample(
+        source="gpu",
+        device=device,
+        ts=ts,
+        interval_s=60.0,
+        name="NVIDIA H100",
+        util_pct=50.0,
+        power_mw=300_000,
+        cost_nano=nano(cost),
+        idle_cost_nano=nano(idle),
+    )
+
+
+def _inf(ts: datetime, requests: int = 10) -> InferenceSample:
+    return InferenceSample(
+        source="vllm",
+        endpoint="http://127.0.0.1:8000/metrics",
+        ts=ts,
+        interval_s=60.0,
+        kind="vllm",
+        requests=requests,
+        prompt_tokens=requests * 100,
+        generation_tokens=requests * 20,
+        devices=("GPU-0",),
+    )
+
+
+def test_gpu_and_inference_writes_and_rollups(store: Store) -> None:
+    times = [at(m) for m in range(1, 5 * 60 + 1)]  # 300 one-minute samples over five hours
+    batch = Batch(
+        gpu=tuple(_gpu(t, idle="0.01" if i % 3 == 0 else "0") for i, t in enumerate(times)),
+        inference=tuple(_inf(t) for t in times),
+    )
+    store.write_batch(batch)
+    store.write_batch(batch)  # idempotent
+    assert store.query("SELECT COUNT(*) FROM gpu")[0][0] == 300
+    assert store.query("SELECT COUNT(*) FROM inference")[0][0] == 300
+    gpu_hour = store.query("SELECT start, SUM(interval_ms), SUM(cost_nano) FROM gpu_hour GROUP BY start")
+    expected = store.query(
+        "SELECT (ts / 3600000) * 3600 AS h, SUM(interval_ms), SUM(cost_nano) FROM gpu GROUP BY h"
+    )
+    assert [tuple(r) for r in gpu_hour] == [tuple(r) for r in expected]
+    inf_hour = store.query("SELECT SUM(requests), SUM(prompt_tokens) FROM inference_hour")[0]
+    assert tuple(inf_hour) == (3000, 300_000)
+    # Over a window long enough to use the rollups, the overview matches the samples.
+    overview = queries.gpu_overview(store, at(0), at(5 * 60 + 1))
+    assert overview.cost == nano_to_usd(nano("3"))
+    assert overview.idle_cost == nano_to_usd(nano("1"))
+    assert overview.inferences == 3000
+    assert overview.prompt_tokens == 300_000
+    assert overview.generation_tokens == 60_000
+    [device] = overview.devices
+    assert device.seconds == 300 * 60
+    # A rewritten sample replaces the old one, and its hour is recomputed.
+    store.write_batch(Batch(gpu=(_gpu(times[0], cost="1.01"),)))
+    overview = queries.gpu_overview(store, at(0), at(5 * 60 + 1))
+    assert overview.cost == nano_to_usd(nano("4"))
+
+
+def test_metered_requests_are_upserted_by_id(store: Store) -> None:
+    r = MeteredRequest(ts=at(0), provider="openai", model="gpt-4o", request_id="req-1", output=5)
+    store.write_batch(Batch(requests=(r, r)))
+    store.write_batch(Batch(requests=(r,)))
+    assert store.query("SELECT COUNT(*), SUM(output) FROM request")[0][:] == (1, 5)
+
+
+def test_source_health_upsert_keeps_last_success_and_counts_calls(store: Store) -> None:
+    ok = SourceHealth(
+        name="oa",
+        kind="openai",
+        state="ok",
+        last_success=at(0),
+        lag_s=12.5,
+        watermark=at(-1),
+        newest_data=at(-1),
+    )
+    store.record_health(ok, calls_delta=3, now=at(0))
+    failed = SourceHealth(
+        name="oa",
+        kind="openai",
+        state="error",
+        last_error="HTTP 500: server error",
+        last_error_at=at(10),
+    )
+    store.record_health(failed, calls_delta=2, now=at(10))
+    [h] = queries.sources(store, at(10))
+    assert h.state == "error"
+    assert h.last_success == at(0)
+    assert h.last_error == "HTTP 500: server error"
+    assert h.last_error_at == at(10)
+    assert h.watermark == at(-1)
+    assert h.newest_data == at(-1)
+    assert h.calls == 5
+    assert h.calls_last_hour == 5
+    # An hour and a half later the calls have aged out of the hourly count, not the total.
+    store.record_health(failed, calls_delta=1, now=at(100))
+    [h] = queries.sources(store, at(100))
+    assert h.calls == 6
+    assert h.calls_last_hour == 1
+    # A success clears the error text but keeps when it last happened.
+    store.record_health(ok, now=at(101))
+    [h] = queries.sources(store, at(101))
+    assert (h.state, h.last_error, h.last_error_at) == ("ok", "", at(10))
+
+
+def test_watermark_survives_reopening_the_file(db_path: Path) -> None:
+    with Store(db_path) as store:
+        assert store.get_watermark("demo") is None
+        store.record_health(SourceHealth("demo", "demo", watermark=at(3)), now=at(3))
+        store.record_health(SourceHealth("demo", "demo"), now=at(4))  # no watermark: kept
+    with Store(db_path) as store:
+        assert store.get_watermark("demo") == at(3)
+        assert store.get_watermark("other") is None
+
+
+def test_reader_sees_committed_data_while_writer_is_open(db_path: Path) -> None:
+    writer = Store(db_path)
+    reader = Store(db_path, readonly=True)
+    try:
+        writer.write_usage([bucket(at(0), cost="1", requests=2)])
+        assert queries.totals(reader, at(0), at(1)).requests == 2
+        with writer.transaction() as conn:
+            conn.execute("INSERT INTO meta(key, value) VALUES ('pending', 'x')")
+            assert reader.get_meta("pending") is None  # not committed yet
+        assert reader.get_meta("pending") == "x"
+        writer.write_usage([bucket(at(0), cost="1", requests=7)])
+        assert queries.totals(reader, at(0), at(1)).requests == 7
+        with pytest.raises(sqlite3.OperationalError):
+            reader.conn.execute("INSERT INTO meta(key, value) VALUES ('no', 'no')")
+    finally:
+        reader.close()
+        writer.close()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: store/db.py Store.__init__ builds the read-only URI without quoting the path;"
+    " a '#' or '?' in the folder name opens the wrong file",
+)
+def test_reader_opens_a_path_with_uri_characters(tmp_path: Path) -> None:
+    path = tmp_path / "team #1?x" / "tokentop.db"
+    with Store(path) as writer:
+        writer.set_meta("hello", "world")
+        with Store(path, readonly=True) as reader:
+            assert reader.get_meta("hello") == "world"
+
+
+def test_failing_batch_rolls_back_completely(store: Store) -> None:
+    store.write_batch(
+        Batch(
+            usage=(bucket(at(0), cost="1", requests=1), bucket(at(1), cost="2", requests=2)),
+            gpu=(_gpu(at(1)),),
+        )
+    )
+    before_usage = [tuple(r) for r in store.query("SELECT * FROM usage ORDER BY start")]
+    before_hour = usage_hour_rows(store)
+    before_gpu = [tuple(r) for r in store.query("SELECT * FROM gpu")]
+    naive = datetime(2025, 3, 15, 12, 3)  # noqa: DTZ001
+    bad = Batch(
+        usage=(bucket(at(2), cost="5", requests=5),),
+        windows=(UsageWindow("src", 60, at(0), at(60)),),  # would delete both rows above
+        billed=(BilledCost("src", "openai", at(0), nano("1")),),
+        gpu=(_gpu(at(2)), _gpu(naive)),  # the second sample fails mid-write
+    )
+    with pytest.raises(ValueError, match="naive"):
+        store.write_batch(bad)
+    assert [tuple(r) for r in store.query("SELECT * FROM usage ORDER BY start")] == before_usage
+    assert usage_hour_rows(store) == before_hour
+    assert [tuple(r) for r in store.query("SELECT * FROM gpu")] == before_gpu
+    assert store.query("SELECT COUNT(*) FROM billed")[0][0] == 0
+    # The connection is usable afterwards.
+    store.write_usage([bucket(at(2), cost="5", requests=5)])
+    assert queries.totals(store, at(0), at(60)).requests == 8
+
+
+def test_constraint_violation_rolls_back(store: Store) -> None:
+    store.write_usage([bucket(at(0), cost="1", requests=1)])
+    broken = UsageBucket(source="src", provider=None, model="m", start=at(1))  # type: ignore[arg-type]
+    with pytest.raises(sqlite3.IntegrityError):
+        store.write_batch(
+            Batch(usage=(bucket(at(2), cost="1"), broken), windows=(UsageWindow("src", 60, at(0), at(5)),))
+        )
+    assert store.query("SELECT COUNT(*) FROM usage")[0][0] == 1
+    assert usage_hour_rows(store) == usage_hour_expected(store)

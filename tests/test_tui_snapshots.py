@@ -1,0 +1,59 @@
+"""Screenshots of the whole screen: two sizes, dark and light, data injected, clock frozen.
+
+Update with ``pytest tests/test_tui_snapshots.py --snapshot-update`` only after looking at the
+new SVGs.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+from textual.pilot import Pilot
+
+from collectors.config import Config
+from tui.app import TokentopApp
+from tui.panes.sources import CpuMeter
+
+try:
+    from tests.test_tui_seed import frozen_clock, seed_store
+except ImportError:  # tests/ is not a package: pytest puts it on sys.path
+    from test_tui_seed import frozen_clock, seed_store  # type: ignore[no-redef]
+
+
+@pytest.fixture(autouse=True)
+def steady_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The monitor's own CPU figure is real and would differ on every run."""
+    monkeypatch.setattr(CpuMeter, "sample", lambda self: 0.4)
+
+
+@pytest.mark.parametrize(
+    ("size", "theme", "budget", "gpu"),
+    [
+        pytest.param((160, 48), "textual-dark", False, True, id="160x48-dark"),
+        pytest.param((160, 48), "textual-light", True, False, id="160x48-light-budget-nogpu"),
+        pytest.param((100, 30), "textual-dark", True, True, id="100x30-dark-budget"),
+        pytest.param((100, 30), "textual-light", False, True, id="100x30-light"),
+    ],
+)
+def test_screen(
+    snap_compare: Any, tmp_path: Path, size: tuple[int, int], theme: str, budget: bool, gpu: bool
+) -> None:
+    config = Config(budget_daily_usd=Decimal(50), budget_monthly_usd=Decimal(1000))
+    app = TokentopApp(
+        seed_store(tmp_path / "tokentop.db", gpu=gpu),
+        config=config if budget else None,
+        clock=frozen_clock,
+        label="demo",
+        refresh_s=3600,
+    )
+
+    async def run_before(pilot: Pilot[None]) -> None:
+        pilot.app.theme = theme
+        await pilot.pause()
+        await pilot.app.workers.wait_for_complete()
+        await pilot.pause()
+
+    assert snap_compare(app, terminal_size=size, run_before=run_before)
