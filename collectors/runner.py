@@ -276,6 +276,9 @@ class Runner:
             watermark=batch.watermark,
             detail=detail or batch.extra.get("detail", ""),
             newest_data=newest,
+            # A partial problem (one GPU lost of several) is shown while the source stays up.
+            last_error=batch.extra.get("error", ""),
+            last_error_at=end if batch.extra.get("error") else None,
         )
         await self._record(health, collector.calls - calls_before, end)
         return True

@@ -65,6 +65,7 @@ def build_sources(
                 clock=clock,
                 name=endpoint.name
                 or (f"inference-{i}" if len(config.inference) > 1 else "inference"),
+                gpu_devices=tuple(str(g) for g in endpoint.gpus),
             )
         )
     return sources

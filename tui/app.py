@@ -24,6 +24,7 @@ from textual import work
 from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding, BindingType
 from textual.containers import Container
+from textual.pilot import Pilot
 from textual.reactive import reactive
 from textual.screen import Screen
 from textual.widgets import Footer, Input
@@ -40,7 +41,14 @@ from tui.panes.gpu import GpuPane
 from tui.panes.model_mix import ModelMixPane
 from tui.panes.sources import SourcesPane
 from tui.panes.spend import SpendPane
-from tui.snapshot import PANES, WINDOWS, RefreshRequest, Snapshot, build_snapshot
+from tui.snapshot import (
+    PANES,
+    WINDOWS,
+    RefreshRequest,
+    Snapshot,
+    build_snapshot,
+    window_name,
+)
 from tui.widgets.help_screen import HelpScreen
 from tui.widgets.top_bar import TopBar
 
@@ -108,14 +116,16 @@ class TokentopApp(App[None]):
         label: what feeds the screen, e.g. ``"demo"``; shown in the top bar.
         refresh_s: seconds between refreshes of the panes.
         start_window: the initial window, one of :data:`~tui.snapshot.WINDOWS`.
+        window_span: an initial window of any length (``tokentop export --since 90m``); it
+            joins the windows that ``w`` cycles through and replaces ``start_window``.
         export_dir: where ``e`` writes snapshots; the current directory when ``None``.
     """
 
     CSS_PATH = "app.tcss"
     AUTO_FOCUS = "#cost-table"
     TITLE = "tokentop"
-    HORIZONTAL_BREAKPOINTS: ClassVar[list[tuple[int, str]]] = [(0, "-narrow"), (130, "-wide")]
-    VERTICAL_BREAKPOINTS: ClassVar[list[tuple[int, str]]] = [(0, "-short"), (40, "-tall")]
+    HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (130, "-wide")]  # noqa: RUF012 (Textual's own)
+    VERTICAL_BREAKPOINTS = [(0, "-short"), (40, "-tall")]  # noqa: RUF012
 
     BINDINGS: ClassVar[list[BindingType]] = [
         *(
@@ -158,7 +168,7 @@ class TokentopApp(App[None]):
     ]
 
     window: reactive[str] = reactive("1h", init=False)
-    """The time window shown: a key of :data:`~tui.snapshot.WINDOWS`."""
+    """The time window shown: a key of :attr:`windows`."""
     filter_text: reactive[str] = reactive("", init=False)
     """Substring filter over provider, model, project, tag and API key."""
     group: reactive[str] = reactive("model", init=False)
@@ -181,6 +191,7 @@ class TokentopApp(App[None]):
         refresh_s: float = 1.0,
         start_window: str = "1h",
         export_dir: Path | None = None,
+        window_span: timedelta | None = None,
     ) -> None:
         if start_window not in WINDOWS:
             raise ValueError(f"unknown window {start_window!r}; choose one of {', '.join(WINDOWS)}")
@@ -206,7 +217,19 @@ class TokentopApp(App[None]):
         self._seq = 0
         self._applied_seq = -1
         self._runner_task: asyncio.Task[None] | None = None
+        self.windows: dict[str, int] = dict(WINDOWS)
+        """Window names and lengths in seconds, shortest first."""
+        if window_span is not None:
+            seconds = int(window_span.total_seconds())
+            if seconds <= 0:
+                raise ValueError(f"window_span must be positive, got {window_span}")
+            start_window = next(
+                (n for n, s in WINDOWS.items() if s == seconds), window_name(seconds)
+            )
+            self.windows[start_window] = seconds
+            self.windows = dict(sorted(self.windows.items(), key=lambda item: item[1]))
         self.set_reactive(TokentopApp.window, start_window)
+        self._panes_ready = False
         usage_polls = (self.config.openai.interval_s, self.config.anthropic.interval_s)
         self.usage_stale_s = max(USAGE_STALE_S, 3 * max(usage_polls))
         self.gpu_stale_s = max(15.0, 3 * self.config.gpu_interval_s, 3 * refresh_s)
@@ -250,6 +273,7 @@ class TokentopApp(App[None]):
     def on_mount(self) -> None:
         if self.runner is not None:
             self._runner_task = asyncio.create_task(self._run_runner(), name="tokentop-runner")
+        self._panes_ready = True
         self._update_top_bar()
         self.theme_changed_signal.subscribe(self, self._on_theme_changed)
         self.set_interval(self.refresh_s, self.refresh_tick, name="refresh")
@@ -299,7 +323,7 @@ class TokentopApp(App[None]):
 
     def visible_panes(self) -> frozenset[str]:
         """Ids of the panes on screen (the others' queries are skipped)."""
-        if not self.is_mounted:
+        if not self._panes_ready:
             return frozenset(PANES)
         return frozenset(p.id for p in self.panes if p.id and p.display)
 
@@ -337,6 +361,7 @@ class TokentopApp(App[None]):
             seq=self._seq,
             now=self.clock(),
             window=self.window,
+            span_s=self.windows[self.window],
             text=self.filter_text,
             group=self.group,
             panes=self.visible_panes(),
@@ -392,11 +417,11 @@ class TokentopApp(App[None]):
     # -- state ---------------------------------------------------------------------------------
 
     def _update_top_bar(self) -> None:
-        if not self.is_mounted:
+        if not self._panes_ready:
             return
         self.query_one(TopBar).show(
             label=LABELS.get(self.label, self.label.upper()),
-            windows=list(WINDOWS),
+            windows=list(self.windows),
             window=self.window,
             group=self.group.replace("_", " "),
             text=self.filter_text,
@@ -438,12 +463,12 @@ class TokentopApp(App[None]):
 
     def action_set_window(self, name: str) -> None:
         """Show the last ``name`` (15m, 1h, 6h, 24h, 7d, 30d)."""
-        if name in WINDOWS:
+        if name in self.windows:
             self.window = name
 
     def action_cycle_window(self) -> None:
         """Switch to the next time window."""
-        names = list(WINDOWS)
+        names = list(self.windows)
         self.window = names[(names.index(self.window) + 1) % len(names)]
 
     def action_filter(self) -> None:
@@ -508,7 +533,7 @@ class TokentopApp(App[None]):
         stamp = now.astimezone().strftime("%Y%m%d-%H%M%S")
         folder = self.export_dir or Path.cwd()
         svg = self.export_screenshot(title=f"tokentop {self.window} {stamp}")
-        start = now - timedelta(seconds=WINDOWS[self.window])
+        start = now - timedelta(seconds=self.windows[self.window])
         self._export(folder, f"tokentop-{stamp}", svg, start, now)
 
     @work(thread=True, group="export", exit_on_error=False)
@@ -527,8 +552,7 @@ class TokentopApp(App[None]):
         except ModuleNotFoundError as exc:
             if exc.name != "store.report":
                 raise
-            report = None
-        if report is not None and hasattr(report, "build_report"):
+        else:
             # build_report(store, start, end, now, prices, label); the app has no price book.
             data = report.build_report(store, start, now, now, {}, self.label)
             return str(report.render(data, "json"))
@@ -539,6 +563,27 @@ class TokentopApp(App[None]):
     def on_snapshot_exported(self, message: SnapshotExported) -> None:
         self.exported = message.paths
         self.notify("\n".join(message.paths), title="Snapshot exported", timeout=8)
+
+    # -- headless rendering ------------------------------------------------------------------
+
+    def render_svg(self, size: tuple[int, int] = (160, 48)) -> str:
+        """Run the app headless (no runner), apply one snapshot and return the screen as SVG.
+
+        For ``tokentop export --format svg``; call it outside any running event loop.
+        """
+        captured: list[str] = []
+
+        async def auto_pilot(pilot: Pilot[object]) -> None:
+            await pilot.pause()
+            await pilot.app.workers.wait_for_complete()
+            await pilot.pause()
+            captured.append(pilot.app.export_screenshot())
+            pilot.app.exit()
+
+        asyncio.run(self.run_async(headless=True, size=size, auto_pilot=auto_pilot))
+        if not captured:
+            raise RuntimeError("the screen could not be rendered")
+        return captured[0]
 
     # -- command palette -----------------------------------------------------------------------
 

@@ -33,6 +33,18 @@ WINDOWS: dict[str, int] = {
 }
 """Selectable time windows and their length in seconds, in key order (1..6)."""
 
+
+def window_name(seconds: int) -> str:
+    """A compact name for a window length: ``90m``, ``2h``, ``3d``."""
+    if seconds % 86400 == 0:
+        return f"{seconds // 86400}d"
+    if seconds % 3600 == 0:
+        return f"{seconds // 3600}h"
+    if seconds % 60 == 0:
+        return f"{seconds // 60}m"
+    return f"{seconds}s"
+
+
 PANES: tuple[str, ...] = ("spend", "cost", "mix", "gpu", "sources")
 """Pane ids, in layout order."""
 
@@ -47,6 +59,9 @@ class RefreshRequest:
     seq: int
     now: datetime
     window: str
+    """The window's name (``1h``); its length is ``span_s``."""
+    span_s: int = 0
+    """Window length in seconds; 0 means the length of the named window."""
     text: str = ""
     group: str = "model"
     panes: frozenset[str] = frozenset(PANES)
@@ -58,7 +73,7 @@ class RefreshRequest:
     @property
     def start(self) -> datetime:
         """Window start."""
-        return self.now - timedelta(seconds=WINDOWS[self.window])
+        return self.now - timedelta(seconds=self.span_s or WINDOWS[self.window])
 
     @property
     def end(self) -> datetime:

@@ -13,7 +13,7 @@ from store.queries import CostRow
 from tui import format as fmt
 from tui.panes.base import Pane
 from tui.snapshot import Snapshot
-from tui.widgets.table import ThemedTable
+from tui.widgets.table import Role, ThemedTable
 
 GROUP_LABELS = {"model": "Model", "project": "Project", "api_key": "API key", "tag": "Tag"}
 """Column heading of the first column for each grouping."""
@@ -99,7 +99,7 @@ class CostPerQueryPane(Pane):
             cells["change"] = cell(text, "muted", right=True)
         else:
             # Dearer per request is bad news: red; cheaper is green.
-            role = "error" if change > 0.0005 else "success" if change < -0.0005 else ""
+            role: Role = "error" if change > 0.0005 else "success" if change < -0.0005 else ""
             cells["change"] = cell(fmt.change(change), role, right=True)
         return cells
 
