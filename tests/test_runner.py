@@ -82,15 +82,19 @@ async def test_usage_is_priced_through_the_book(store: Store, clock: Clock) -> N
         ]
     )
     assert await runner(store, c, clock=clock).poll(c) is True
-    rows = store.query("SELECT model, cost_nano, priced, price_ref FROM usage ORDER BY start, model")
+    rows = store.query(
+        "SELECT source, model, cost_nano, priced, price_ref FROM usage ORDER BY start, model"
+    )
     assert [tuple(r) for r in rows] == [
-        ("custom", 1_500_000_000, 1, "test openai/custom"),
-        (GPT4O, 8_000_000, 1, REF),
-        ("no-such-model", 0, 0, "unpriced openai/no-such-model"),
+        ("fake", "custom", 1_500_000_000, 1, "test openai/custom"),
+        ("fake", GPT4O, 8_000_000, 1, REF),
+        ("fake", "no-such-model", 0, 0, "unpriced openai/no-such-model"),
+        ("meter", GPT4O, 8_000_000, 1, REF),  # the metered request, as its minute's bucket
     ]
     request = store.query("SELECT cost_nano, priced, price_ref FROM request")[0]
     assert tuple(request) == (8_000_000, 1, REF)
     t = queries.totals(store, at(-10), at(10))
+    assert t.requests == 5
     assert t.unpriced_requests == 1
     assert t.unpriced_tokens == 1200
 

@@ -408,3 +408,23 @@ def test_start_window_is_used(tmp_path: Path) -> None:
     app = TokentopApp(tmp_path / "x.db", start_window="7d")
     assert app.window == "7d"
     assert isinstance(FROZEN, datetime)
+
+
+async def test_an_empty_database_shows_unknowns_not_zero(tmp_path: Path) -> None:
+    app = TokentopApp(tmp_path / "empty.db", clock=frozen_clock, refresh_s=3600)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        spend = text_of(app, "#spend-figures")
+        assert "no usage recorded yet" in spend and "$0.00" not in spend
+        assert app.query_one("#spend").query_one(FreshnessBadge).state == "empty"
+        assert "no usage in this window" in text_of(app, "#cost-note")
+        assert "no GPU source configured" in text_of(app, "#gpu-lines")
+
+
+def test_render_svg_with_a_custom_window(tmp_path: Path) -> None:
+    db = seed_store(tmp_path / "tokentop.db")
+    app = TokentopApp(db, clock=frozen_clock, window_span=timedelta(minutes=90), refresh_s=3600)
+    assert app.window == "90m" and list(app.windows)[:3] == ["15m", "1h", "90m"]
+    svg = app.render_svg(size=(160, 48))
+    assert svg.startswith("<svg") and "90m" in svg and "claude-sonnet-4" in svg
+    assert TokentopApp(db, window_span=timedelta(hours=6)).window == "6h"

@@ -65,33 +65,43 @@ class SpendPane(Pane):
         width = self.inner_width
         burn = s.burn_per_hour
         muted = "$text-muted"
+        # With nothing ever recorded, figures are unknown, not $0.
+        known = snapshot.newest_usage is not None
+        usd = fmt.usd if known else (lambda _v: fmt.MISSING)
+        rate = fmt.usd_rate if known else (lambda _v: fmt.MISSING)
         lines: list[Content] = [
             Content.assemble(
                 (f"{'hour':<{LABEL}}", muted),
-                (f"{fmt.usd(s.hour):>{MONEY}}", "bold"),
+                (f"{usd(s.hour):>{MONEY}}", "bold"),
                 ("   burn  5m ", muted),
-                f"{fmt.usd_rate(burn.get(5)):>{MONEY}}",
+                f"{rate(burn.get(5)):>{MONEY}}",
             ),
             Content.assemble(
                 (f"{'today':<{LABEL}}", muted),
-                (f"{fmt.usd(s.today):>{MONEY}}", "bold"),
+                (f"{usd(s.today):>{MONEY}}", "bold"),
                 ("        15m ", muted),
-                f"{fmt.usd_rate(burn.get(15)):>{MONEY}}",
+                f"{rate(burn.get(15)):>{MONEY}}",
             ),
             Content.assemble(
                 (f"{'month':<{LABEL}}", muted),
-                (f"{fmt.usd(s.month):>{MONEY}}", "bold"),
+                (f"{usd(s.month):>{MONEY}}", "bold"),
                 ("        60m ", muted),
-                f"{fmt.usd_rate(burn.get(60)):>{MONEY}}",
+                f"{rate(burn.get(60)):>{MONEY}}",
             ),
             Content.assemble(
                 (f"{'proj.':<{LABEL}}", muted),
                 ("day ", muted),
-                fmt.usd(s.projected_today),
+                usd(s.projected_today),
                 ("  month ", muted),
-                fmt.usd(s.projected_month),
+                usd(s.projected_month),
             ),
         ]
+        if not known:
+            lines.append(
+                Content.styled(
+                    "no usage recorded yet: see Sources for what is collecting", "$warning"
+                )
+            )
         if s.budget_daily is None and s.budget_monthly is None:
             lines.append(
                 Content.assemble((f"{'budget':<{LABEL}}", muted), ("no budget set", muted))
