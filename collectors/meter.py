@@ -1159,7 +1159,9 @@ class Recorder:
         if store is not None:
             store.close()
 
-    def _write(self, store: Store | None, items: Sequence[Exchange | MeteredRequest]) -> Store | None:
+    def _write(
+        self, store: Store | None, items: Sequence[Exchange | MeteredRequest]
+    ) -> Store | None:
         requests: list[MeteredRequest] = []
         for item in items:
             try:

@@ -377,7 +377,8 @@ def billed_vs_estimated(store: Store, start: datetime, end: datetime) -> list[Pr
         (lo, hi),
     )
     billed_by = {(r[0], r[1]): r[2] for r in billed}
-    billed_providers = {r[0] for r in billed}
+    # Providers that bill at all are listed for every day, billed or not yet.
+    billed_providers = {r[0] for r in store.query("SELECT DISTINCT provider FROM billed")}
     keys = {(r[0], r[1]) for r in est if r[0] in billed_providers} | set(billed_by)
     est_by = {(r[0], r[1]): r[2] or 0 for r in est}
     days = [

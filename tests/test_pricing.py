@@ -25,9 +25,7 @@ M = 1_000_000
 
 def book(*overrides: ModelPriceOverride, **discounts: str) -> PriceBook:
     return PriceBook(
-        PricingConfig(
-            models=overrides, discounts={k: Decimal(v) for k, v in discounts.items()}
-        )
+        PricingConfig(models=overrides, discounts={k: Decimal(v) for k, v in discounts.items()})
     )
 
 
@@ -49,9 +47,7 @@ def test_anthropic_cache_kinds_are_priced_separately() -> None:
     q = PriceBook().quote(
         "anthropic",
         "claude-sonnet-4-20250514",
-        TokenCounts(
-            input_uncached=M, cache_read=M, cache_write_5m=M, cache_write_1h=M, output=M
-        ),
+        TokenCounts(input_uncached=M, cache_read=M, cache_write_5m=M, cache_write_1h=M, output=M),
         AUG_2025,
     )
     assert q.rates["input_uncached"] == Decimal("3")
@@ -114,7 +110,14 @@ def _date_effective_model() -> tuple[str, str, datetime, Any, Any]:
                 continue
             start = datetime.combine(constraint.start_date, datetime.min.time(), tzinfo=UTC)
             candidates.append(
-                (provider.id not in ("openai", "anthropic"), provider.id, model.id, start, before, after)
+                (
+                    provider.id not in ("openai", "anthropic"),
+                    provider.id,
+                    model.id,
+                    start,
+                    before,
+                    after,
+                )
             )
     assert candidates, "genai-prices lists no date-effective model"
     candidates.sort(key=lambda c: (c[0], c[1] != "openai", c[2]))
@@ -205,10 +208,18 @@ def test_override_for_another_provider_does_not_apply() -> None:
 )
 def test_override_effective_mid_hour() -> None:
     effective = datetime(2025, 6, 1, 12, 30, tzinfo=UTC)
-    pb = book(ModelPriceOverride("openai", "gpt-4o-2024-05-13", Decimal(1), Decimal(2), effective=effective))
+    pb = book(
+        ModelPriceOverride(
+            "openai", "gpt-4o-2024-05-13", Decimal(1), Decimal(2), effective=effective
+        )
+    )
     tokens = TokenCounts(input_uncached=1000, output=200)
-    assert pb.quote("openai", "gpt-4o-2024-05-13", tokens, effective - timedelta(minutes=20)).cost == Decimal("0.008")
-    assert pb.quote("openai", "gpt-4o-2024-05-13", tokens, effective + timedelta(minutes=5)).cost == Decimal("0.0014")
+    assert pb.quote(
+        "openai", "gpt-4o-2024-05-13", tokens, effective - timedelta(minutes=20)
+    ).cost == Decimal("0.008")
+    assert pb.quote(
+        "openai", "gpt-4o-2024-05-13", tokens, effective + timedelta(minutes=5)
+    ).cost == Decimal("0.0014")
 
 
 def test_discount_per_provider() -> None:
@@ -243,8 +254,14 @@ def test_unknown_model_is_unpriced_never_zero() -> None:
 
 @pytest.mark.parametrize(
     "bad",
-    [{"input_uncached": -1}, {"output": -5}, {"web_searches": -1}, {"cache_read": 1.5},
-     {"cache_write_1h": True}, {"output": "3"}],
+    [
+        {"input_uncached": -1},
+        {"output": -5},
+        {"web_searches": -1},
+        {"cache_read": 1.5},
+        {"cache_write_1h": True},
+        {"output": "3"},
+    ],
 )
 def test_token_counts_reject_negative_or_non_integer(bad: dict[str, Any]) -> None:
     with pytest.raises(ValueError, match=next(iter(bad))):
@@ -348,23 +365,34 @@ def test_defaults_are_marked_estimated(name: str, match: str) -> None:
 
 def test_gpu_economics_unknown_when_nothing_served() -> None:
     e = gpu_economics(
-        gpu_cost=Decimal("3"), idle_cost=Decimal("3"), inferences=0, prompt_tokens=0,
+        gpu_cost=Decimal("3"),
+        idle_cost=Decimal("3"),
+        inferences=0,
+        prompt_tokens=0,
         generation_tokens=0,
     )
     assert e.cost_per_inference is None
     assert e.cost_per_mtok is None
     assert e.idle_share == 1
     e = gpu_economics(
-        gpu_cost=Decimal("3"), idle_cost=Decimal("1"), inferences=100, prompt_tokens=800_000,
+        gpu_cost=Decimal("3"),
+        idle_cost=Decimal("1"),
+        inferences=100,
+        prompt_tokens=800_000,
         generation_tokens=200_000,
     )
     assert e.cost_per_inference == Decimal("0.03")
     assert e.active_cost_per_inference == Decimal("0.02")
     assert e.cost_per_mtok == Decimal("3")
     assert api_equivalent_cost(
-        prompt_tokens=M, generation_tokens=M, input_per_mtok=Decimal("0.15"),
+        prompt_tokens=M,
+        generation_tokens=M,
+        input_per_mtok=Decimal("0.15"),
         output_per_mtok=Decimal("0.60"),
     ) == Decimal("0.75")
-    assert api_equivalent_cost(
-        prompt_tokens=1, generation_tokens=0, input_per_mtok=None, output_per_mtok=Decimal(1)
-    ) is None
+    assert (
+        api_equivalent_cost(
+            prompt_tokens=1, generation_tokens=0, input_per_mtok=None, output_per_mtok=Decimal(1)
+        )
+        is None
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
@@ -69,7 +70,7 @@ def test_parts_pieces_tile_the_window() -> None:
         for hi in range(lo, lo + 7 * H, 1499):
             pieces = _parts(lo, hi)
             assert pieces[0][1] == lo and pieces[-1][2] == hi
-            for (_, _, a_hi), (_, b_lo, _) in zip(pieces, pieces[1:], strict=False):
+            for (_, _, a_hi), (_, b_lo, _) in itertools.pairwise(pieces):
                 assert a_hi == b_lo
             for rolled, p_lo, p_hi in pieces:
                 if rolled:
@@ -140,9 +141,13 @@ def test_no_spike_for_a_flat_burn(store: Store) -> None:
 def test_newest_usage_is_capped_at_now(store: Store) -> None:
     store.write_usage([bucket(at(0), cost="1"), bucket(at(5), cost="1")])
     assert queries.newest_usage(store) == at(6)
-    assert queries.newest_usage(store, at(5, ) + timedelta(seconds=20)) == at(5) + timedelta(
-        seconds=20
-    )
+    assert queries.newest_usage(
+        store,
+        at(
+            5,
+        )
+        + timedelta(seconds=20),
+    ) == at(5) + timedelta(seconds=20)
     assert queries.newest_usage(store, at(30)) == at(6)
 
 
@@ -213,17 +218,57 @@ def two_windows(store: Store) -> Store:
     store.write_usage(
         [
             # gpt-4o: $1/request before, $1.50 now
-            bucket(at(10), model="gpt-4o", cost="2", requests=2, project="search", tag="prod",
-                   api_key="k1", input_uncached=100, cache_read=100),
-            bucket(at(70), model="gpt-4o", cost="6", requests=4, project="search", tag="prod",
-                   api_key="k1", input_uncached=300, cache_read=100, cache_write_5m=50,
-                   cache_write_1h=50, output=40),
+            bucket(
+                at(10),
+                model="gpt-4o",
+                cost="2",
+                requests=2,
+                project="search",
+                tag="prod",
+                api_key="k1",
+                input_uncached=100,
+                cache_read=100,
+            ),
+            bucket(
+                at(70),
+                model="gpt-4o",
+                cost="6",
+                requests=4,
+                project="search",
+                tag="prod",
+                api_key="k1",
+                input_uncached=300,
+                cache_read=100,
+                cache_write_5m=50,
+                cache_write_1h=50,
+                output=40,
+            ),
             # claude: only now, same project as gpt-4o
-            bucket(at(80), provider="anthropic", model="claude", cost="3", requests=1,
-                   project="search", tag="eval", api_key="k2", input_uncached=10, output=5),
+            bucket(
+                at(80),
+                provider="anthropic",
+                model="claude",
+                cost="3",
+                requests=1,
+                project="search",
+                tag="eval",
+                api_key="k2",
+                input_uncached=10,
+                output=5,
+            ),
             # unpriced model: tokens counted, cost unknown
-            bucket(at(90), provider="acme", model="acme-ft", cost=None, requests=5,
-                   project="bot", tag="eval", api_key="k3", input_uncached=1000, output=100),
+            bucket(
+                at(90),
+                provider="acme",
+                model="acme-ft",
+                cost=None,
+                requests=5,
+                project="bot",
+                tag="eval",
+                api_key="k3",
+                input_uncached=1000,
+                output=100,
+            ),
         ]
     )
     return store
@@ -306,9 +351,7 @@ def test_filters_match_provider_model_project_tag_key(two_windows: Store) -> Non
     assert requests("nothing-matches") == 0
     rows = queries.cost_by(two_windows, at(60), at(120), "model", text="search")
     assert [r.key for r in rows] == ["gpt-4o", "claude"]
-    assert [m.model for m in queries.model_mix(two_windows, at(60), at(120), "acme")] == [
-        "acme-ft"
-    ]
+    assert [m.model for m in queries.model_mix(two_windows, at(60), at(120), "acme")] == ["acme-ft"]
     assert queries.spend_summary(two_windows, at(119), text="claude").hour == 3
 
 

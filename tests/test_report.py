@@ -110,18 +110,14 @@ def filled(store: Store) -> Store:
         now=at(59),
     )
     store.record_health(
-        SourceHealth(
-            "nvml", "nvml", state="unavailable", last_error="NVML driver not found"
-        ),
+        SourceHealth("nvml", "nvml", state="unavailable", last_error="NVML driver not found"),
         now=at(59),
     )
     return store
 
 
 def _report(store: Store, label: str = "", prices: dict[str, Any] | None = None) -> dict[str, Any]:
-    return build_report(
-        store, START, END, NOW, prices or PriceBook().describe(), label=label
-    )
+    return build_report(store, START, END, NOW, prices or PriceBook().describe(), label=label)
 
 
 def test_report_contract_fields_and_values(filled: Store) -> None:
@@ -217,7 +213,10 @@ def test_csv_is_self_describing(filled: Store) -> None:
         PricingConfig(
             models=(
                 ModelPriceOverride(
-                    "acme", "acme-llm", input_per_mtok=1, output_per_mtok=2  # type: ignore[arg-type]
+                    "acme",
+                    "acme-llm",
+                    input_per_mtok=1,
+                    output_per_mtok=2,  # type: ignore[arg-type]
                 ),
             )
         )

@@ -353,14 +353,18 @@ async def test_a_crashing_collector_keeps_being_polled_beside_others(
 
 
 async def test_stop_ends_run_promptly_and_closes_collectors(store: Store, clock: Clock) -> None:
-    a = FakeCollector(name="a", interval_s=3600)
-    b = FakeCollector(name="b", interval_s=3600)
+    both_polled = asyncio.Event()
+
+    def hook(_: FakeCollector) -> None:
+        if a.polls and b.polls:
+            both_polled.set()
+
+    a = FakeCollector(name="a", interval_s=3600, on_poll=hook)
+    b = FakeCollector(name="b", interval_s=3600, on_poll=hook)
     r = runner(store, a, b, clock=clock)
     task = asyncio.create_task(r.run())
-    while a.polls < 1 or b.polls < 1:
-        await asyncio.sleep(0)
-    await asyncio.sleep(0.01)  # both now wait an hour for their next poll
-    r.stop()
+    await asyncio.wait_for(both_polled.wait(), timeout=2)
+    r.stop()  # each loop finishes its poll, then would wait an hour: it must not
     await asyncio.wait_for(task, timeout=2)  # a guard against hanging, not a timing check
     assert (a.polls, b.polls) == (1, 1)
     assert (a.closed, b.closed) == (1, 1)

@@ -1,4 +1,4 @@
-"""The SQLite store: WAL, idempotent replacement of buckets, rollups, health, watermarks, atomicity."""
+"""The SQLite store: WAL, idempotent bucket replacement, rollups, health, watermarks, atomicity."""
 
 from __future__ import annotations
 
@@ -287,7 +287,9 @@ def test_gpu_and_inference_writes_and_rollups(store: Store) -> None:
     store.write_batch(batch)  # idempotent
     assert store.query("SELECT COUNT(*) FROM gpu")[0][0] == 300
     assert store.query("SELECT COUNT(*) FROM inference")[0][0] == 300
-    gpu_hour = store.query("SELECT start, SUM(interval_ms), SUM(cost_nano) FROM gpu_hour GROUP BY start")
+    gpu_hour = store.query(
+        "SELECT start, SUM(interval_ms), SUM(cost_nano) FROM gpu_hour GROUP BY start"
+    )
     expected = store.query(
         "SELECT (ts / 3600000) * 3600 AS h, SUM(interval_ms), SUM(cost_nano) FROM gpu GROUP BY h"
     )
@@ -309,11 +311,38 @@ def test_gpu_and_inference_writes_and_rollups(store: Store) -> None:
     assert overview.cost == nano_to_usd(nano("4"))
 
 
-def test_metered_requests_are_upserted_by_id(store: Store) -> None:
-    r = MeteredRequest(ts=at(0), provider="openai", model="gpt-4o", request_id="req-1", output=5)
+def test_metered_requests_are_upserted_by_id_and_roll_into_usage(store: Store) -> None:
+    r = MeteredRequest(
+        ts=at(0.5),
+        provider="openai",
+        model="gpt-4o",
+        request_id="req-1",
+        output=5,
+        cost_nano=nano("0.001"),
+        priced=True,
+        tag="feature-x",
+    )
     store.write_batch(Batch(requests=(r, r)))
     store.write_batch(Batch(requests=(r,)))
-    assert store.query("SELECT COUNT(*), SUM(output) FROM request")[0][:] == (1, 5)
+    assert tuple(store.query("SELECT COUNT(*), SUM(output) FROM request")[0]) == (1, 5)
+    other = MeteredRequest(
+        ts=at(0.75),
+        provider="openai",
+        model="gpt-4o",
+        request_id="req-2",
+        output=7,
+        cost_nano=nano("0.002"),
+        priced=True,
+        tag="feature-x",
+    )
+    store.write_batch(Batch(requests=(other,)))
+    rows = store.query("SELECT start, source, width, tag, requests, output, cost_nano FROM usage")
+    assert [tuple(x) for x in rows] == [
+        (to_epoch(at(0)), "meter", 60, "feature-x", 2, 12, nano("0.003"))
+    ]
+    t = queries.totals(store, at(0), at(1))
+    assert (t.requests, t.output, t.cost) == (2, 12, nano_to_usd(nano("0.003")))
+    assert usage_hour_rows(store) == usage_hour_expected(store)
 
 
 def test_source_health_upsert_keeps_last_success_and_counts_calls(store: Store) -> None:
@@ -430,7 +459,10 @@ def test_constraint_violation_rolls_back(store: Store) -> None:
     broken = UsageBucket(source="src", provider=None, model="m", start=at(1))  # type: ignore[arg-type]
     with pytest.raises(sqlite3.IntegrityError):
         store.write_batch(
-            Batch(usage=(bucket(at(2), cost="1"), broken), windows=(UsageWindow("src", 60, at(0), at(5)),))
+            Batch(
+                usage=(bucket(at(2), cost="1"), broken),
+                windows=(UsageWindow("src", 60, at(0), at(5)),),
+            )
         )
     assert store.query("SELECT COUNT(*) FROM usage")[0][0] == 1
     assert usage_hour_rows(store) == usage_hour_expected(store)

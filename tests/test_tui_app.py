@@ -191,7 +191,8 @@ async def test_export_writes_json_and_svg(tmp_path: Path) -> None:
         json_path = out / f"tokentop-{stamp}.json"
         svg_path = out / f"tokentop-{stamp}.svg"
         assert app.exported == (str(json_path), str(svg_path))
-        assert isinstance(json.loads(json_path.read_text()), dict)
+        report = json.loads(json_path.read_text())
+        assert report["prices"]["source"] == "genai-prices"
         svg = svg_path.read_text()
         assert svg.startswith("<svg") and "Cost&#160;per&#160;query" in svg
 

@@ -10,13 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import json
 import logging
 import threading
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, is_dataclass
 from datetime import datetime, timedelta
-from decimal import Decimal
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
@@ -32,8 +29,10 @@ from textual.worker import Worker, WorkerState, get_current_worker
 
 from collectors.base import utcnow
 from collectors.config import Config
+from pricing.book import PriceBook
 from store.db import Store
 from store.queries import GROUPS
+from store.report import build_report, render
 from tui.messages import SnapshotExported, SnapshotReady
 from tui.panes.base import Pane
 from tui.panes.cost_per_query import CostPerQueryPane
@@ -80,28 +79,6 @@ class FilterInput(Input):
         """Clear the filter and close the box."""
         self.value = ""
         self.app.call_later(self.app.action_close_filter)  # type: ignore[attr-defined]
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, Decimal):
-        return str(value)
-    if isinstance(value, datetime):
-        return value.isoformat()
-    if isinstance(value, frozenset | set | tuple):
-        return [_jsonable(v) for v in value]
-    return str(value)
-
-
-def snapshot_dict(snapshot: Snapshot, label: str) -> dict[str, Any]:
-    """A plain dict of a snapshot, for the JSON export when ``store.report`` is unavailable."""
-    data = asdict(snapshot) if is_dataclass(snapshot) else {}
-    data["label"] = label
-    data["window"] = {
-        "name": snapshot.request.window,
-        "start": snapshot.request.start.isoformat(),
-        "end": snapshot.request.end.isoformat(),
-    }
-    return data
 
 
 class TokentopApp(App[None]):
@@ -546,19 +523,20 @@ class TokentopApp(App[None]):
         self.post_message(SnapshotExported((str(json_path), str(svg_path))))
 
     def _report_json(self, start: datetime, now: datetime) -> str:
-        store = self.open_store()
-        try:
-            from store import report  # written alongside; optional until it lands
-        except ModuleNotFoundError as exc:
-            if exc.name != "store.report":
-                raise
-        else:
-            # build_report(store, start, end, now, prices, label); the app has no price book.
-            data = report.build_report(store, start, now, now, {}, self.label)
-            return str(report.render(data, "json"))
-        snapshot = self.snapshot
-        data = snapshot_dict(snapshot, self.label) if snapshot else {"label": self.label}
-        return json.dumps(data, indent=2, default=_jsonable)
+        """The same report as ``tokentop export --format json`` for the window on screen."""
+        rates = [
+            {
+                "match": r.match,
+                "usd_per_hour": str(r.usd_per_hour),
+                "mode": r.mode,
+                "usd_per_kwh": str(r.usd_per_kwh),
+                "pue": str(r.pue),
+            }
+            for r in self.config.gpu_rates
+        ]
+        prices = PriceBook(self.config.pricing).describe()
+        data = build_report(self.open_store(), start, now, now, prices, self.label, rates)
+        return render(data, "json")
 
     def on_snapshot_exported(self, message: SnapshotExported) -> None:
         self.exported = message.paths
