@@ -70,24 +70,26 @@ class Model:
     cache_write_share: float = 0.0
     web_search_rate: float = 0.0
     """Web searches per request."""
+    traffic: float = 1.0
+    """Relative request rate: dear models see less traffic, as they do in practice."""
 
 
 PRICED_MODELS: tuple[Model, ...] = (
-    Model("openai", "gpt-4o-2024-08-06", 1800, 350, 0.45),
+    Model("openai", "gpt-4o-2024-08-06", 1800, 350, 0.45, traffic=0.5),
     Model("openai", "gpt-4o-mini-2024-07-18", 900, 120, 0.3),
-    Model("openai", "gpt-4.1-2025-04-14", 2500, 400, 0.5, web_search_rate=0.1),
+    Model("openai", "gpt-4.1-2025-04-14", 2500, 400, 0.5, web_search_rate=0.1, traffic=0.5),
     Model("openai", "gpt-4.1-mini-2025-04-14", 1200, 200, 0.4),
     Model("openai", "gpt-4.1-nano-2025-04-14", 600, 80, 0.2),
-    Model("openai", "o3-mini", 6000, 1400),
-    Model("openai", "o4-mini-2025-04-16", 4000, 1600, 0.3),
-    Model("openai", "gpt-5-2025-08-07", 3000, 900, 0.5, web_search_rate=0.2),
+    Model("openai", "o3-mini", 6000, 1400, traffic=0.3),
+    Model("openai", "o4-mini-2025-04-16", 4000, 1600, 0.3, traffic=0.3),
+    Model("openai", "gpt-5-2025-08-07", 3000, 900, 0.5, web_search_rate=0.2, traffic=0.3),
     Model("openai", "gpt-5-mini-2025-08-07", 1500, 500, 0.4),
     Model("openai", "text-embedding-3-small", 400, 0),
-    Model("anthropic", "claude-sonnet-4-20250514", 3200, 420, 0.7, 0.08),
+    Model("anthropic", "claude-sonnet-4-20250514", 3200, 420, 0.7, 0.08, traffic=0.3),
     Model("anthropic", "claude-3-5-haiku-20241022", 1100, 150, 0.35, 0.03),
-    Model("anthropic", "claude-opus-4-1-20250805", 9000, 1800, 0.2, 0.1),
-    Model("anthropic", "claude-3-7-sonnet-20250219", 2800, 380, 0.5, 0.05, 0.2),
-    Model("anthropic", "claude-sonnet-4-5-20250929", 3500, 500, 0.6, 0.06),
+    Model("anthropic", "claude-opus-4-1-20250805", 9000, 1800, 0.2, 0.1, traffic=0.03),
+    Model("anthropic", "claude-3-7-sonnet-20250219", 2800, 380, 0.5, 0.05, 0.2, traffic=0.3),
+    Model("anthropic", "claude-sonnet-4-5-20250929", 3500, 500, 0.6, 0.06, traffic=0.3),
 )
 UNPRICED_MODEL = Model("acme", "acme-llm-70b-ft", 1500, 300)
 """No price is known for it: its tokens must show as unpriced, never as $0."""
@@ -127,7 +129,11 @@ def make_series(count: int, seed: int) -> tuple[Series, ...]:
     out: list[Series] = []
     keys: set[tuple[str, ...]] = set()
     for i in range(count):
-        model = UNPRICED_MODEL if i == count - 1 and count > 1 else PRICED_MODELS[i % 15]
+        model = (
+            UNPRICED_MODEL
+            if i == count - 1 and count > 1
+            else PRICED_MODELS[i % len(PRICED_MODELS)]
+        )
         shape = rng.choices(list(SHAPES), weights=list(SHAPES.values()))[0]
         while True:
             project = "batch-summarise" if shape == "nightly" else rng.choice(PROJECTS[:-1])
@@ -142,6 +148,9 @@ def make_series(count: int, seed: int) -> tuple[Series, ...]:
             "nightly": rng.uniform(20, 40),
             "sparse": rng.uniform(0.05, 0.5),
         }[shape]
+        peak *= model.traffic
+        if shape != "sparse":
+            peak = max(peak, 0.8)  # a low-rate series still has most of its minutes
         if model is UNPRICED_MODEL:
             peak = min(peak, 3.0)
         out.append(
@@ -364,7 +373,7 @@ def day_bills(seed: int, day: int, usage: Sequence[UsageBucket]) -> list[BilledC
     rng = random.Random(f"{seed}:billed:{day}")
     est: dict[tuple[str, str, str, str], int] = defaultdict(int)
     for b in usage:
-        nano = b.cost_nano if b.priced else (b.input_total + b.output) * 2
+        nano = b.cost_nano if b.priced else (b.input_total + b.output) * 2000  # $2 per 1M
         est[(b.source, b.provider, b.project, b.model)] += nano
     return [
         BilledCost(

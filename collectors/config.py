@@ -7,6 +7,7 @@ variable that holds the key.
 
 from __future__ import annotations
 
+import math
 import os
 import tomllib
 from dataclasses import dataclass, field
@@ -191,28 +192,40 @@ def _money(raw: dict[str, Any], key: str, where: str) -> Decimal | None:
     return _decimal(raw[key], key, where)
 
 
-def _positive(raw: dict[str, Any], key: str, where: str, default: float) -> float:
+def _known(raw: dict[str, Any], allowed: set[str], section: str, where: str) -> None:
+    """Refuse settings a table does not have (a typo must not be silently ignored)."""
+    for key in raw:
+        if key not in allowed:
+            raise ConfigError(f"{where}: unknown setting {section + '.' + key!r}")
+
+
+def _positive(raw: dict[str, Any], key: str, where: str, default: float, prefix: str = "") -> float:
     if key not in raw:
         return default
     value = raw[key]
-    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-        raise ConfigError(f"{where}: {key} must be a positive number, got {value!r}")
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise ConfigError(f"{where}: {prefix}{key} must be a positive number, got {value!r}")
     return float(value)
 
 
-def _str(raw: dict[str, Any], key: str, where: str, default: str) -> str:
+def _str(raw: dict[str, Any], key: str, where: str, default: str, prefix: str = "") -> str:
     value = raw.get(key, default)
     if not isinstance(value, str):
-        raise ConfigError(f"{where}: {key} must be a string, got {value!r}")
+        raise ConfigError(f"{where}: {prefix}{key} must be a string, got {value!r}")
     return value
 
 
-def _opt_bool(raw: dict[str, Any], key: str, where: str) -> bool | None:
+def _opt_bool(raw: dict[str, Any], key: str, where: str, prefix: str = "") -> bool | None:
     if key not in raw:
         return None
     value = raw[key]
     if not isinstance(value, bool):
-        raise ConfigError(f"{where}: {key} must be true or false, got {value!r}")
+        raise ConfigError(f"{where}: {prefix}{key} must be true or false, got {value!r}")
     return value
 
 
@@ -233,9 +246,26 @@ def _date(value: Any, name: str, where: str) -> datetime:
 def _pricing(raw: Any, where: str) -> PricingConfig:
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: pricing must be a table, got {raw!r}")
+    _known(raw, {"model", "discount"}, "pricing", where)
     models = []
     for i, table in enumerate(_tables(raw, "model", where)):
         name = f"pricing.model[{i}]"
+        _known(
+            table,
+            {
+                "provider",
+                "model",
+                "input_per_mtok",
+                "output_per_mtok",
+                "cache_read_per_mtok",
+                "cache_write_per_mtok",
+                "cache_write_1h_per_mtok",
+                "web_search_per_k",
+                "effective",
+            },
+            name,
+            where,
+        )
         for required in ("model", "input_per_mtok", "output_per_mtok"):
             if required not in table:
                 raise ConfigError(f"{where}: {name} needs {required!r}")
@@ -277,33 +307,42 @@ def _pricing(raw: Any, where: str) -> PricingConfig:
 def _provider(raw: Any, name: str, key_env: str, where: str) -> ProviderConfig:
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: {name} must be a table, got {raw!r}")
-    backfill = _positive(raw, "backfill_hours", where, 24.0)
+    _known(
+        raw,
+        {"enabled", "key_env", "base_url", "interval_s", "backfill_hours", "costs"},
+        name,
+        where,
+    )
+    p = f"{name}."
+    backfill = _positive(raw, "backfill_hours", where, 24.0, p)
     if backfill > 24 * 30:
         raise ConfigError(
             f"{where}: {name}.backfill_hours is at most 720 (30 days), got {backfill}"
         )
-    base_url = _str(raw, "base_url", where, "")
+    base_url = _str(raw, "base_url", where, "", p)
     if base_url and not base_url.startswith(("http://", "https://")):
         raise ConfigError(f"{where}: {name}.base_url must be an http(s) URL, got {base_url!r}")
+    costs = _opt_bool(raw, "costs", where, p)
     return ProviderConfig(
         name=name,
-        enabled=_opt_bool(raw, "enabled", where),
-        key_env=_str(raw, "key_env", where, key_env),
+        enabled=_opt_bool(raw, "enabled", where, p),
+        key_env=_str(raw, "key_env", where, key_env, p),
         base_url=base_url,
-        interval_s=_positive(raw, "interval_s", where, 60.0),
+        interval_s=_positive(raw, "interval_s", where, 60.0, p),
         backfill_hours=backfill,
-        costs=bool(_opt_bool(raw, "costs", where) if "costs" in raw else True),
+        costs=True if costs is None else costs,
     )
 
 
 def _gpu_rate(raw: dict[str, Any], where: str) -> GpuRate:
+    _known(raw, {"match", "usd_per_hour", "mode", "usd_per_kwh", "pue"}, "gpu", where)
     mode = raw.get("mode", "rented")
     if mode not in ("rented", "owned"):
         raise ConfigError(f"{where}: gpu.mode must be 'rented' or 'owned', got {mode!r}")
     if "usd_per_hour" not in raw:
         raise ConfigError(f"{where}: a [[gpu]] table needs usd_per_hour")
     return GpuRate(
-        match=_str(raw, "match", where, "*"),
+        match=_str(raw, "match", where, "*", "gpu."),
         usd_per_hour=_decimal(raw["usd_per_hour"], "gpu.usd_per_hour", where),
         mode=mode,
         usd_per_kwh=_decimal(raw.get("usd_per_kwh", "0.10"), "gpu.usd_per_kwh", where),
@@ -312,6 +351,7 @@ def _gpu_rate(raw: dict[str, Any], where: str) -> GpuRate:
 
 
 def _endpoint(raw: dict[str, Any], where: str) -> InferenceEndpoint:
+    _known(raw, {"url", "kind", "gpus", "name"}, "inference", where)
     url = raw.get("url")
     if not isinstance(url, str) or not url.startswith(("http://", "https://")):
         raise ConfigError(f"{where}: inference.url must be an http(s) URL, got {url!r}")
@@ -320,11 +360,11 @@ def _endpoint(raw: dict[str, Any], where: str) -> InferenceEndpoint:
         isinstance(g, int) and not isinstance(g, bool) and g >= 0 for g in gpus
     ):
         raise ConfigError(f"{where}: inference.gpus must be a list of GPU indices, got {gpus!r}")
-    kind = _str(raw, "kind", where, "")
+    kind = _str(raw, "kind", where, "", "inference.")
     if kind and kind not in ("vllm", "sglang", "tgi", "llamacpp", "triton"):
         raise ConfigError(
             f"{where}: inference.kind {kind!r} is not one of vllm, sglang, tgi, llamacpp, triton"
         )
     return InferenceEndpoint(
-        url=url, kind=kind, gpus=tuple(gpus), name=_str(raw, "name", where, "")
+        url=url, kind=kind, gpus=tuple(gpus), name=_str(raw, "name", where, "", "inference.")
     )

@@ -55,7 +55,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import httpx
 
@@ -765,11 +765,12 @@ class Meter:
 
     def client(self, **kwargs: Any) -> httpx.Client:
         """An ``httpx.Client`` whose requests are metered."""
-        return httpx.Client(transport=self.transport(), **kwargs)
+        return httpx.Client(transport=cast(httpx.BaseTransport, self.transport()), **kwargs)
 
     def async_client(self, **kwargs: Any) -> httpx.AsyncClient:
         """An ``httpx.AsyncClient`` whose requests are metered."""
-        return httpx.AsyncClient(transport=self.async_transport(), **kwargs)
+        transport = cast(httpx.AsyncBaseTransport, self.async_transport())
+        return httpx.AsyncClient(transport=transport, **kwargs)
 
     def sdk_http_client(self, sdk: ModuleType, *, is_async: bool = False, **kwargs: Any) -> Any:
         """An ``http_client=`` for an OpenAI or Anthropic SDK client, metered.
@@ -920,11 +921,12 @@ async def _meter_async(meter: Meter, request: Any, send: Callable[[], Any]) -> A
     return response
 
 
-class MeteredTransport(httpx.BaseTransport):
-    """A sync httpx (or httpx2) transport that meters the requests it passes to ``inner``.
+class MeteredTransport:
+    """A sync transport that meters the requests it passes to ``inner``.
 
-    Responses are returned at once, their bytes passing through unchanged as they arrive; the
-    exchange is emitted when the body ends or is closed.
+    Works with ``httpx`` and ``httpx2`` alike (it derives from neither, because each library's
+    clients refuse the other's classes). Responses are returned at once, their bytes passing
+    through unchanged as they arrive; the exchange is emitted when the body ends or is closed.
     """
 
     def __init__(self, inner: Any, meter: Meter) -> None:
@@ -932,13 +934,22 @@ class MeteredTransport(httpx.BaseTransport):
         self.meter = meter
 
     def handle_request(self, request: Any) -> Any:
+        """Send ``request`` through ``inner``, metering it when it calls a metered API."""
         return _meter_sync(self.meter, request, lambda: self.inner.handle_request(request))
 
     def close(self) -> None:
+        """Close ``inner``."""
         self.inner.close()
 
+    def __enter__(self) -> MeteredTransport:
+        self.inner.__enter__()
+        return self
 
-class AsyncMeteredTransport(httpx.AsyncBaseTransport):
+    def __exit__(self, *exc: Any) -> None:
+        self.inner.__exit__(*exc)
+
+
+class AsyncMeteredTransport:
     """The async counterpart of :class:`MeteredTransport`."""
 
     def __init__(self, inner: Any, meter: Meter) -> None:
@@ -946,12 +957,21 @@ class AsyncMeteredTransport(httpx.AsyncBaseTransport):
         self.meter = meter
 
     async def handle_async_request(self, request: Any) -> Any:
+        """Send ``request`` through ``inner``, metering it when it calls a metered API."""
         return await _meter_async(
             self.meter, request, lambda: self.inner.handle_async_request(request)
         )
 
     async def aclose(self) -> None:
+        """Close ``inner``."""
         await self.inner.aclose()
+
+    async def __aenter__(self) -> AsyncMeteredTransport:
+        await self.inner.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.inner.__aexit__(*exc)
 
 
 # Process-wide instrumentation of the default transports.

@@ -35,6 +35,7 @@ import logging
 import ssl
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -104,6 +105,8 @@ class Upstream:
             raise ValueError(f"bad port in {url!r}") from None
         default_port = port == (443 if parts.scheme == "https" else 80)
         host = parts.hostname
+        if not host.isascii():
+            host = host.encode("idna").decode("ascii")
         shown = f"[{host}]" if ":" in host else host
         host_header = shown if default_port else f"{shown}:{port}"
         return cls(
@@ -112,19 +115,8 @@ class Upstream:
             host=host,
             port=port,
             prefix=parts.path.rstrip("/").encode(),
-            host_header=host_header.encode("ascii")
-            if host_header.isascii()
-            else _idna(host_header),
+            host_header=host_header.encode("ascii"),
         )
-
-
-def _idna(host_header: str) -> bytes:
-    name, sep, port = (
-        host_header.rpartition(":") if "]" not in host_header else (host_header, "", "")
-    )
-    if not sep:
-        name, port = host_header, ""
-    return name.encode("idna") + (f":{port}".encode() if port else b"")
 
 
 @dataclass(frozen=True, slots=True)
@@ -288,7 +280,7 @@ class _ChunkedScanner:
 
 
 class _Conn:
-    __slots__ = ("idle_since", "reader", "timed_out", "upstream", "writer")
+    __slots__ = ("__weakref__", "idle_since", "reader", "timed_out", "upstream", "writer")
 
     def __init__(
         self, upstream: Upstream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
@@ -401,6 +393,7 @@ class MeteringProxy:
         self._pool = _Pool(config.connect_timeout_s, config.pool_idle_s)
         self._server: asyncio.Server | None = None
         self._clients: dict[asyncio.Task[Any], _Client] = {}
+        self._active: weakref.WeakSet[_Conn] = weakref.WeakSet()
         self._stopping = False
         self.port = config.port
 
@@ -434,9 +427,16 @@ class MeteringProxy:
         tasks = list(self._clients)
         if tasks:
             _done, pending = await asyncio.wait(tasks, timeout=grace_s)
+            # Aborting the sockets ends the stragglers (cancelling a stream handler's task trips
+            # a Python 3.11 asyncio bug in StreamReaderProtocol).
             for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+                straggler = self._clients.get(task)
+                if straggler is not None:
+                    straggler.writer.transport.abort()
+            for conn in self._active:
+                conn.close()
+            if pending:
+                await asyncio.wait(pending, timeout=1.0)
         self._pool.close()
 
     async def _serve_client(
@@ -546,8 +546,7 @@ class MeteringProxy:
         started = time.perf_counter()
         routed = self._route(request)
         if routed is None:
-            path = request.target.split(b"?", 1)[0]
-            if request.method in (b"GET", b"HEAD") and path == b"/healthz":
+            if request.method in (b"GET", b"HEAD") and request.target.split(b"?")[0] == b"/healthz":
                 body = b'{"status":"ok"}'
                 writer.write(_response(200, "OK", body, close=False))
                 return True
@@ -614,6 +613,7 @@ class MeteringProxy:
         loop = asyncio.get_running_loop()
         for attempt in (0, 1):
             conn, reused = await self._pool.acquire(upstream, fresh=attempt > 0)
+            self._active.add(conn)
             timer = loop.call_later(self.config.read_timeout_s, conn.time_out)
             try:
                 conn.writer.write(head + body if len(body) < 65536 else head)

@@ -89,6 +89,12 @@ def price_batch(book: PriceBook, batch: Batch) -> Batch:
     )
 
 
+def one_line(text: str, limit: int = 300) -> str:
+    """A message folded to one line of at most ``limit`` characters (for the Sources pane)."""
+    folded = " ".join(text.split())
+    return folded if len(folded) <= limit else folded[: limit - 1] + "…"
+
+
 def _newest(batch: Batch) -> datetime | None:
     times: list[datetime] = [b.end for b in batch.usage]
     times += [g.ts for g in batch.gpu] + [i.ts for i in batch.inference]
@@ -216,7 +222,7 @@ class Runner:
             # A backfill in chunks goes on at once; the source bounds each chunk itself.
             return 0.0 if collector.name in self._backfilling else float(collector.interval_s)
         base = float(collector.interval_s) * (2 ** min(failures - 1, 10))
-        delay = min(self.max_backoff_s, base) * random.uniform(0.8, 1.2)
+        delay = min(self.max_backoff_s, base * random.uniform(0.8, 1.2))
         if retry is not None:
             delay = max(delay, retry)
         return float(delay)
@@ -245,8 +251,14 @@ class Runner:
             log.exception("source %s failed", collector.name)
             error = SourceError(f"internal error: {type(exc).__name__}: {exc}")
             return await self._failed(collector, error, calls_before)
-        # The store serialises writers, so concurrent polls may hand over at once.
-        await asyncio.to_thread(self._write, batch)
+        try:
+            # The store serialises writers, so concurrent polls may hand over at once.
+            await asyncio.to_thread(self._write, batch)
+        except Exception as exc:
+            # Nothing of the batch was stored (one transaction); say so and carry on.
+            log.exception("writing %s's batch failed", collector.name)
+            error = SourceError(f"batch not stored: {type(exc).__name__}: {exc}")
+            return await self._failed(collector, error, calls_before)
         self.failures[collector.name] = 0
         self._retry_after[collector.name] = None
         if batch.watermark is not None:
@@ -305,12 +317,13 @@ class Runner:
         self._retry_after[collector.name] = retry
         now = self.clock()
         watermark = self._watermarks.get(collector.name)
-        log.warning("source %s: %s", collector.name, exc.message)
+        message = one_line(exc.message)
+        log.warning("source %s: %s", collector.name, message)
         health = SourceHealth(
             name=collector.name,
             kind=collector.kind,
             state=state,
-            last_error=exc.message,
+            last_error=message,
             last_error_at=now,
             lag_s=None if watermark is None else max(0.0, (now - watermark).total_seconds()),
             detail=f"{failures} failure(s) in a row",

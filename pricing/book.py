@@ -16,6 +16,7 @@ import genai_prices
 from genai_prices import Usage
 from genai_prices.data_snapshot import get_snapshot
 
+_MISSING = object()
 MILLION = Decimal(1_000_000)
 THOUSAND = Decimal(1_000)
 
@@ -100,9 +101,7 @@ class PriceBook:
         self.config = config or PricingConfig()
         self._lock = threading.Lock()
         self._models: dict[tuple[str, str], Any] = {}
-        self._rates: dict[
-            tuple[str, str, int], tuple[dict[str, Decimal], str, str, str] | None
-        ] = {}
+        self._rates: dict[int, tuple[Any, dict[str, Decimal] | None]] = {}
 
     def describe(self) -> dict[str, Any]:
         """Which price data and overrides produce the figures (for reports and exports)."""
@@ -150,7 +149,7 @@ class PriceBook:
         if discount:
             total = total * (1 - discount)
             breakdown = {k: v * (1 - discount) for k, v in breakdown.items()}
-            ref += f" less {discount * 100:g}%"
+            ref += f" less {(discount * 100).normalize():f}%"
         return Quote(
             priced=True,
             cost=total,
@@ -164,16 +163,10 @@ class PriceBook:
     def _resolve(
         self, provider: str, model: str, at: datetime
     ) -> tuple[dict[str, Decimal], str, str, str] | None:
-        # Prices change at most daily (genai-prices also knows time-of-day prices), so an hour is a
-        # safe cache key.
-        key = (provider, model, int(at.timestamp()) // 3600)
-        with self._lock:
-            if key in self._rates:
-                return self._rates[key]
-        resolved = self._override(provider, model, at) or self._listed(provider, model, at)
-        with self._lock:
-            self._rates[key] = resolved
-        return resolved
+        override = self._override(provider, model, at)
+        if override is not None:
+            return override
+        return self._listed(provider, model, at)
 
     def _override(
         self, provider: str, model: str, at: datetime
@@ -209,14 +202,31 @@ class PriceBook:
     def _listed(
         self, provider: str, model: str, at: datetime
     ) -> tuple[dict[str, Decimal], str, str, str] | None:
-        try:
-            found_provider, info = get_snapshot().find_provider_model(
-                model, None, provider or None, None
-            )
-        except LookupError:
+        # The model lookup is cached; the price in force is chosen per quote (prices can change
+        # at any date or, for some models, time of day), and the rates of each price object are
+        # computed once.
+        key = (provider, model)
+        with self._lock:
+            found = self._models.get(key, _MISSING)
+        if found is _MISSING:
+            try:
+                found = get_snapshot().find_provider_model(model, None, provider or None, None)
+            except LookupError:
+                found = None
+            with self._lock:
+                self._models[key] = found
+        if found is None:
             return None
+        found_provider, info = found
         prices = info.get_prices(at)
-        rates = _rates_from_genai(prices)
+        with self._lock:
+            cached = self._rates.get(id(prices))
+        if cached is not None and cached[0] is prices:
+            rates = cached[1]
+        else:
+            rates = _rates_from_genai(prices)
+            with self._lock:
+                self._rates[id(prices)] = (prices, rates)
         if rates is None:
             return None
         ref = f"genai-prices {genai_prices.__version__} {found_provider.id}/{info.id}"

@@ -31,13 +31,14 @@ class TokenCount:
     """How it was counted, e.g. ``tiktoken o200k_base`` or ``~4 characters per token``."""
 
 
-def _encoding_name(model: str) -> str:
+def _known_encoding(model: str) -> str | None:
+    """tiktoken's encoding for an OpenAI model it knows, else ``None``."""
     import tiktoken
 
     try:
         return str(tiktoken.encoding_name_for_model(model))
     except KeyError:
-        return DEFAULT_ENCODING
+        return None
 
 
 def _load(name: str) -> tuple[Any | None, str]:
@@ -68,13 +69,15 @@ def _load(name: str) -> tuple[Any | None, str]:
 
 def count_tokens(text: str, model: str, provider: str = "") -> TokenCount:
     """Count the tokens of ``text`` as ``model`` would see them, as well as can be done here."""
-    openai_like = provider in ("", "openai", "azure") and not model.startswith("claude")
     if os.environ.get("TOKENTOP_OFFLINE"):
         return _estimate(text, "offline (TOKENTOP_OFFLINE)")
     try:
-        name = _encoding_name(model) if openai_like else DEFAULT_ENCODING
+        known = _known_encoding(model)
     except ImportError:
         return _estimate(text, "tiktoken not installed")
+    # Exact only for OpenAI models tiktoken knows; any other model's tokeniser is not public.
+    openai_like = known is not None and provider in ("", "openai", "azure")
+    name = known if known is not None and openai_like else DEFAULT_ENCODING
     enc, why = _load(name)
     if enc is None:
         return _estimate(text, f"encoding {name} unavailable: {why}")

@@ -251,7 +251,7 @@ class Store:
         self.path = Path(path)
         self.readonly = readonly
         if readonly:
-            uri = f"file:{self.path}?mode=ro"
+            uri = f"{self.path.resolve().as_uri()}?mode=ro"
             conn = sqlite3.connect(uri, uri=True, check_same_thread=False, timeout=10)
         else:
             self.path.parent.mkdir(parents=True, exist_ok=True)

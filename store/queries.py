@@ -31,11 +31,11 @@ GROUPS = ("model", "project", "api_key", "tag")
 """Dimensions the Cost per query pane can group by."""
 
 
-def _parts(lo: int, hi: int) -> list[tuple[bool, int, int]]:
+def _parts(lo: int, hi: int, rollup: bool = True) -> list[tuple[bool, int, int]]:
     """Split ``[lo, hi)`` seconds into (use_rollup, lo, hi) pieces."""
     h1 = -(-lo // HOUR) * HOUR
     h2 = hi // HOUR * HOUR
-    if h2 - h1 < 3 * HOUR:
+    if not rollup or h2 - h1 < 3 * HOUR:
         return [(False, lo, hi)]
     parts = [(False, lo, h1), (True, h1, h2), (False, h2, hi)]
     return [p for p in parts if p[1] < p[2]]
@@ -44,27 +44,36 @@ def _parts(lo: int, hi: int) -> list[tuple[bool, int, int]]:
 def _filter_sql(text: str, columns: tuple[str, ...]) -> tuple[str, list[Any]]:
     if not text:
         return "", []
-    like = f"%{text}%"
-    return " AND (" + " OR ".join(f"{c} LIKE ?" for c in columns) + ")", [like] * len(columns)
+    # The text is literal: LIKE's wildcards in it are escaped.
+    escaped = text.replace("!", "!!").replace("%", "!%").replace("_", "!_")
+    clause = " OR ".join(f"{c} LIKE ? ESCAPE '!'" for c in columns)
+    return f" AND ({clause})", [f"%{escaped}%"] * len(columns)
 
 
-def usage_rows(start: datetime, end: datetime, text: str = "") -> tuple[str, list[Any]]:
-    """A subquery of usage rows in the window (fine and rolled-up parts), and its parameters."""
+def usage_rows(
+    start: datetime, end: datetime, text: str = "", rollup: bool = True
+) -> tuple[str, list[Any]]:
+    """A subquery of usage rows in the window (fine and rolled-up parts), and its parameters.
+
+    ``rollup=False`` reads only the fine table, for groupings finer than an hour.
+    """
     where, fparams = _filter_sql(text, ("provider", "model", "project", "tag", "api_key"))
     pieces: list[str] = []
     params: list[Any] = []
-    for rolled, lo, hi in _parts(to_epoch(start), to_epoch(end)):
+    for rolled, lo, hi in _parts(to_epoch(start), to_epoch(end), rollup):
         table = "usage_hour" if rolled else "usage"
         pieces.append(f"SELECT {_USAGE_COLUMNS} FROM {table} WHERE start >= ? AND start < ?{where}")
         params += [lo, hi, *fparams]
     return " UNION ALL ".join(pieces), params
 
 
-def _timed_rows(table: str, columns: str, start: datetime, end: datetime) -> tuple[str, list[Any]]:
+def _timed_rows(
+    table: str, columns: str, start: datetime, end: datetime, rollup: bool = True
+) -> tuple[str, list[Any]]:
     """Like :func:`usage_rows` for the millisecond tables (``gpu``, ``inference``)."""
     pieces: list[str] = []
     params: list[Any] = []
-    for rolled, lo, hi in _parts(to_epoch(start), to_epoch(end)):
+    for rolled, lo, hi in _parts(to_epoch(start), to_epoch(end), rollup):
         if rolled:
             pieces.append(
                 f"SELECT start * 1000 AS ts, {columns} FROM {table}_hour"
@@ -209,7 +218,8 @@ def spend_series(
     """Cost per step over the window, zero-filled, oldest first."""
     lo = to_epoch(start) // step * step
     hi = to_epoch(end)
-    sub, params = usage_rows(from_epoch(lo), end, text)
+    # Hourly rollups can serve only steps made of whole hours.
+    sub, params = usage_rows(from_epoch(lo), end, text, rollup=step % HOUR == 0)
     rows = store.query(
         f"SELECT (start / {step}) * {step} AS t, SUM(cost_nano) FROM ({sub}) GROUP BY t", params
     )
@@ -395,7 +405,8 @@ def billed_vs_estimated(store: Store, start: datetime, end: datetime) -> list[Pr
 
 
 def billed_total(store: Store, start: datetime, end: datetime) -> Decimal | None:
-    """Billed cost of the UTC days that start within the window; ``None`` when none is stored."""
+    """Billed cost of every UTC day the window touches (providers bill whole days);
+    ``None`` when none is stored."""
     row = store.query(
         "SELECT SUM(amount_nano), COUNT(*) FROM billed WHERE day >= ? AND day < ?",
         (to_epoch(start) // 86400 * 86400, to_epoch(end)),
@@ -547,8 +558,9 @@ def gpu_series(
     lo = to_epoch(start) // step * step
     hi = to_epoch(end)
     begin = from_epoch(lo)
-    gsub, gparams = _timed_rows("gpu", "source, cost_nano", begin, end)
-    isub, iparams = _timed_rows("inference", "source, requests", begin, end)
+    whole_hours = step % HOUR == 0
+    gsub, gparams = _timed_rows("gpu", "source, cost_nano", begin, end, whole_hours)
+    isub, iparams = _timed_rows("inference", "source, requests", begin, end, whole_hours)
     cost = store.query(
         f"SELECT (ts / {step * 1000}) * {step} AS t, SUM(cost_nano) FROM ({gsub}) GROUP BY t",
         gparams,

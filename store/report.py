@@ -199,9 +199,10 @@ def _money(value: float | None, unpriced: bool = False) -> str:
         return "unpriced"
     if value is None:
         return "n/a"
+    sign = "-" if value < 0 else ""
     if abs(value) >= 1:
-        return f"${value:,.2f}"
-    return f"${value:.6f}"
+        return f"{sign}${abs(value):,.2f}"
+    return f"{sign}${abs(value):.6f}"
 
 
 _CSV_COLUMNS = (
@@ -239,6 +240,8 @@ def _csv(report: dict[str, Any]) -> str:
         f" online updates {'on' if report['prices']['online_updates'] else 'off'},"
         f" {len(report['prices']['overrides'])} override(s)",
     ]
+    for ref in report["prices"]["refs"]:
+        lines.append(f"# price used: {ref}")
     for s in report["sources"]:
         lines.append(
             f"# source {s['name']}: {s['state']}, last success {s['last_success']},"

@@ -143,7 +143,8 @@ class FakeCollector:
     interval_s: float = 60.0
     calls: int = 0
     calls_per_poll: int = 1
-    outcomes: list[Batch | BaseException] = field(default_factory=list)
+    outcomes: list[Any] = field(default_factory=list)
+    """Batches to return and exceptions to raise, one per poll."""
     default: Batch | None = None
     contexts: list[PollContext] = field(default_factory=list)
     closed: int = 0
@@ -168,6 +169,7 @@ class FakeCollector:
                 outcome = self.outcomes.pop(0)
                 if isinstance(outcome, BaseException):
                     raise outcome
+                assert isinstance(outcome, Batch)
                 return outcome
             return self.default if self.default is not None else Batch()
         finally:

@@ -312,11 +312,6 @@ NOT_CAUGHT: list[tuple[dict[str, Any], str]] = [
 ]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: collectors/config.py _positive accepts nan and inf (nan <= 0 is False); a nan"
-    " interval makes the runner poll in a hot loop",
-)
 @pytest.mark.parametrize(("raw", "name"), NOT_CAUGHT, ids=[n for _, n in NOT_CAUGHT])
 def test_non_finite_intervals_are_rejected(raw: dict[str, Any], name: str) -> None:
     with pytest.raises(ConfigError, match=name):
@@ -333,22 +328,12 @@ UNKNOWN_NESTED = [
 ]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: collectors/config.py checks unknown keys only at the top level; a typo inside"
-    " [openai], [anthropic], [pricing], [[pricing.model]], [[gpu]] or [[inference]] is ignored",
-)
 @pytest.mark.parametrize("text", UNKNOWN_NESTED)
 def test_unknown_keys_in_sections_are_rejected(text: str) -> None:
     with pytest.raises(ConfigError, match="unknown setting"):
         parse_config(tomllib.loads(text))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: collectors/config.py _provider passes bare key names to _positive/_str/"
-    "_opt_bool, so '[anthropic] interval_s = -1' reports 'interval_s', not 'anthropic.interval_s'",
-)
 def test_provider_errors_name_the_section() -> None:
     with pytest.raises(ConfigError, match=r"anthropic\.interval_s"):
         parse_config({"anthropic": {"interval_s": -1}})

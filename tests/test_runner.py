@@ -11,7 +11,6 @@ from pathlib import Path
 import genai_prices
 import pytest
 
-from collectors import runner as runner_module
 from collectors.base import Collector, PollContext, SourceError
 from collectors.runner import Runner, price_batch
 from pricing.book import PriceBook
@@ -52,9 +51,24 @@ def health(store: Store, name: str, now: datetime) -> SourceHealth:
     return {h.name: h for h in queries.sources(store, now)}[name]
 
 
-def raw_usage(start: datetime, model: str = GPT4O, source: str = "fake", **kw: int) -> UsageBucket:
-    counts = {"input_uncached": 1000, "output": 200, "requests": 1} | kw
-    return UsageBucket(source=source, provider="openai", model=model, start=start, **counts)
+def raw_usage(
+    start: datetime,
+    model: str = GPT4O,
+    source: str = "fake",
+    *,
+    requests: int = 1,
+    output: int = 200,
+) -> UsageBucket:
+    """An unpriced bucket, as a collector returns it: 1,000 tokens in, 200 out by default."""
+    return UsageBucket(
+        source=source,
+        provider="openai",
+        model=model,
+        start=start,
+        input_uncached=1000,
+        output=output,
+        requests=requests,
+    )
 
 
 def test_fake_collector_satisfies_the_protocol() -> None:
@@ -172,11 +186,6 @@ async def test_failures_record_health_states(
     assert r.failures["fake"] == 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: collectors/runner.py Runner.poll records f'internal error: {exc}' verbatim; an"
-    " exception text with newlines gives a multi-line last_error",
-)
 async def test_internal_error_message_is_one_line(store: Store, clock: Clock) -> None:
     c = FakeCollector(outcomes=[ValueError("bad payload:\n{'data': [\n]}")])
     await runner(store, c, clock=clock).poll(c)
@@ -185,7 +194,7 @@ async def test_internal_error_message_is_one_line(store: Store, clock: Clock) ->
 
 @pytest.fixture
 def no_jitter(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(runner_module.random, "uniform", lambda a, b: 1.0)
+    monkeypatch.setattr(random, "uniform", lambda a, b: 1.0)
 
 
 async def test_backoff_grows_with_failures_and_resets(
@@ -234,15 +243,10 @@ async def test_retry_after_is_honoured(store: Store, clock: Clock, no_jitter: No
     assert r.next_delay(c) == 5000  # beyond the ceiling, still honoured
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: collectors/runner.py next_delay applies jitter after the max_backoff_s cap,"
-    " so the delay can reach 1.2 x the ceiling",
-)
 async def test_backoff_never_exceeds_its_ceiling(
     store: Store, clock: Clock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(runner_module.random, "uniform", lambda a, b: b)
+    monkeypatch.setattr(random, "uniform", lambda a, b: b)
     c = FakeCollector(interval_s=10, outcomes=[SourceError("down")] * 10)
     r = runner(store, c, clock=clock, max_backoff_s=600)
     for _ in range(10):
@@ -294,12 +298,6 @@ async def test_collector_raising_midway_writes_nothing(store: Store, clock: Cloc
     assert [tuple(x) for x in store.query("SELECT * FROM usage")] == before
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: collectors/runner.py Runner.poll calls self._write outside its try, so a batch"
-    " the book or store rejects raises out of poll()/run_once() and kills that source's loop"
-    " with no health recorded",
-)
 async def test_batch_the_store_rejects_is_a_recorded_failure(store: Store, clock: Clock) -> None:
     naive = datetime(2025, 3, 15, 12, 0)  # noqa: DTZ001
     bad = FakeCollector(name="bad", outcomes=[Batch(usage=(raw_usage(naive, source="bad"),))])

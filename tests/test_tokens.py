@@ -89,10 +89,5 @@ def test_loaded_encoding_is_only_approximate_for_claude(fake_tiktoken: list[str]
     assert "approximate" in bare.method
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: pricing/tokens.py count_tokens treats any model with provider '' as OpenAI, so"
-    " a non-OpenAI model (gemini, llama) is counted with o200k_base and reported exact",
-)
 def test_unknown_non_openai_model_is_approximate(fake_tiktoken: list[str]) -> None:
     assert count_tokens(TEXT, "gemini-2.5-pro").approximate is True

@@ -429,3 +429,14 @@ def test_render_svg_with_a_custom_window(tmp_path: Path) -> None:
     svg = app.render_svg(size=(160, 48))
     assert svg.startswith("<svg") and "90m" in svg and "claude-sonnet-4" in svg
     assert TokentopApp(db, window_span=timedelta(hours=6)).window == "6h"
+
+
+async def test_state_set_before_running_is_used(tmp_path: Path) -> None:
+    app = make_app(tmp_path)
+    app.group = "tag"
+    app.filter_text = "support"
+    app.paused = True
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        assert app.screen.has_class("-paused")
+        assert cost_keys(app) == ["chat"]

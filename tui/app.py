@@ -211,8 +211,6 @@ class TokentopApp(App[None]):
         self.usage_stale_s = max(USAGE_STALE_S, 3 * max(usage_polls))
         self.gpu_stale_s = max(15.0, 3 * self.config.gpu_interval_s, 3 * refresh_s)
 
-    # -- layout --------------------------------------------------------------------------------
-
     def compose(self) -> ComposeResult:
         yield TopBar()
         with Container(id="panes"):
@@ -237,8 +235,6 @@ class TokentopApp(App[None]):
         """One pane by id (``spend``, ``cost``, ``mix``, ``gpu``, ``sources``)."""
         return self.query_one(f"#{pane_id}", Pane)
 
-    # -- lifecycle -----------------------------------------------------------------------------
-
     def open_store(self) -> Store:
         """The app's own connection, opened on first use (from a worker thread: opening may
         wait on the runner's write lock, which must not block the event loop)."""
@@ -251,6 +247,9 @@ class TokentopApp(App[None]):
         if self.runner is not None:
             self._runner_task = asyncio.create_task(self._run_runner(), name="tokentop-runner")
         self._panes_ready = True
+        self.screen.set_class(self.paused, "-paused")
+        if self.zoomed:
+            self.watch_zoomed(self.zoomed)
         self._update_top_bar()
         self.theme_changed_signal.subscribe(self, self._on_theme_changed)
         self.set_interval(self.refresh_s, self.refresh_tick, name="refresh")
@@ -296,8 +295,6 @@ class TokentopApp(App[None]):
             if self.store is not None:
                 self.store.close()
 
-    # -- refresh -------------------------------------------------------------------------------
-
     def visible_panes(self) -> frozenset[str]:
         """Ids of the panes on screen (the others' queries are skipped)."""
         if not self._panes_ready:
@@ -333,6 +330,8 @@ class TokentopApp(App[None]):
 
         A refresh already running is superseded (its result is dropped).
         """
+        if not self._panes_ready:
+            return  # state set before the app runs is picked up by the first refresh
         self._seq += 1
         request = RefreshRequest(
             seq=self._seq,
@@ -391,8 +390,6 @@ class TokentopApp(App[None]):
         elif worker.group == "export":
             self.notify(str(error), title="Export failed", severity="error", timeout=10)
 
-    # -- state ---------------------------------------------------------------------------------
-
     def _update_top_bar(self) -> None:
         if not self._panes_ready:
             return
@@ -420,6 +417,8 @@ class TokentopApp(App[None]):
         self.request_refresh()
 
     def watch_paused(self, paused: bool) -> None:
+        if not self._panes_ready:
+            return
         self.screen.set_class(paused, "-paused")
         self._update_top_bar()
         if not paused:
@@ -429,14 +428,14 @@ class TokentopApp(App[None]):
         self._update_top_bar()
 
     def watch_zoomed(self, zoomed: str) -> None:
+        if not self._panes_ready:
+            return
         grid = self.query_one("#panes")
         grid.set_class(bool(zoomed), "-zoomed")
         for pane in self.panes:
             pane.set_class(pane.id == zoomed, "-zoom")
         # The new classes take effect on the next refresh; query what is visible then.
         self.call_after_refresh(self.request_refresh)
-
-    # -- actions -------------------------------------------------------------------------------
 
     def action_set_window(self, name: str) -> None:
         """Show the last ``name`` (15m, 1h, 6h, 24h, 7d, 30d)."""
@@ -542,8 +541,6 @@ class TokentopApp(App[None]):
         self.exported = message.paths
         self.notify("\n".join(message.paths), title="Snapshot exported", timeout=8)
 
-    # -- headless rendering ------------------------------------------------------------------
-
     def render_svg(self, size: tuple[int, int] = (160, 48)) -> str:
         """Run the app headless (no runner), apply one snapshot and return the screen as SVG.
 
@@ -562,8 +559,6 @@ class TokentopApp(App[None]):
         if not captured:
             raise RuntimeError("the screen could not be rendered")
         return captured[0]
-
-    # -- command palette -----------------------------------------------------------------------
 
     def get_system_commands(self, screen: Screen[Any]) -> Iterable[SystemCommand]:
         yield from super().get_system_commands(screen)
