@@ -35,9 +35,9 @@ def _no_network(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
     def guarded(self: socket.socket, address: object) -> object:
         host = address[0] if isinstance(address, tuple) else address
-        if isinstance(host, str) and host not in ("127.0.0.1", "localhost", "::1"):
-            if self.family in (socket.AF_INET, socket.AF_INET6):
-                raise OSError(f"tests must not touch the network (tried {address!r})")
+        remote = isinstance(host, str) and host not in ("127.0.0.1", "localhost", "::1")
+        if remote and self.family in (socket.AF_INET, socket.AF_INET6):
+            raise OSError(f"tests must not touch the network (tried {address!r})")
         return real_connect(self, address)  # type: ignore[arg-type]
 
     monkeypatch.setattr(socket.socket, "connect", guarded)
