@@ -14,6 +14,7 @@ from textual.widgets import Static
 
 from tui.snapshot import Snapshot
 from tui.widgets.freshness import FreshnessBadge
+from tui.widgets.quiet import update_static
 
 
 class Pane(Vertical):
@@ -49,7 +50,7 @@ class Pane(Vertical):
 
     def set_info(self, content: Content | str) -> None:
         """Text on the left of the header line."""
-        self.query_one(".pane-info", Static).update(content)
+        update_static(self.query_one(".pane-info", Static), content)
 
     def apply(self, snapshot: Snapshot) -> None:
         """Show ``snapshot``."""

@@ -13,6 +13,7 @@ from store.queries import CostRow
 from tui import format as fmt
 from tui.panes.base import Pane
 from tui.snapshot import Snapshot
+from tui.widgets.quiet import update_static
 from tui.widgets.table import Role, ThemedTable
 
 GROUP_LABELS = {"model": "Model", "project": "Project", "api_key": "API key", "tag": "Tag"}
@@ -122,7 +123,7 @@ class CostPerQueryPane(Pane):
         if keys == self._row_keys:
             for key, row in zip(keys, rows, strict=True):
                 for column, value in self._cells(row).items():
-                    table.update_cell(key, column, value)
+                    table.set_cell(key, column, value)
         else:
             selected = None
             if table.row_count and 0 <= table.cursor_row < len(self._row_keys):
@@ -137,9 +138,9 @@ class CostPerQueryPane(Pane):
         note = self.query_one("#cost-note", Static)
         partial = any(not r.priced and r.totals.cost > 0 for r in rows)
         if not rows:
-            note.update(Content.styled("no usage in this window", "$text-muted"))
+            update_static(note, Content.styled("no usage in this window", "$text-muted"))
         elif partial:
-            note.update(Content.styled("* excludes unpriced tokens (not in $)", "$warning"))
+            update_static(note, Content.styled("* excludes unpriced tokens (not in $)", "$warning"))
         else:
-            note.update("")
+            update_static(note, "")
         note.display = bool(partial or not rows)

@@ -13,6 +13,7 @@ from store.queries import GpuDevice
 from tui import format as fmt
 from tui.panes.base import Pane
 from tui.snapshot import Snapshot
+from tui.widgets.quiet import update_static
 
 FIG = 8
 
@@ -122,7 +123,7 @@ class GpuPane(Pane):
                     ),
                 )
             )
-        self.query_one("#gpu-lines", Static).update(Content("\n").join(lines))
+        update_static(self.query_one("#gpu-lines", Static), Content("\n").join(lines))
         points = [float(v) for v in snapshot.gpu_series if v is not None]
         spark = self.query_one(Sparkline)
         spark.display = len(points) > 1
@@ -130,12 +131,13 @@ class GpuPane(Pane):
         caption = self.query_one("#gpu-caption", Static)
         caption.display = len(points) > 1
         if points:
-            caption.update(
+            update_static(
+                caption,
                 Content.assemble(
                     ("$/inference trend  ", muted),
                     ("min ", muted),
                     fmt.usd_unit(min(points)),
                     ("  max ", muted),
                     fmt.usd_unit(max(points)),
-                )
+                ),
             )

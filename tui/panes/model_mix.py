@@ -12,6 +12,7 @@ from textual.widgets import Static
 from tui import format as fmt
 from tui.panes.base import Pane
 from tui.snapshot import Snapshot
+from tui.widgets.quiet import update_static
 
 PCT = 5
 
@@ -39,7 +40,7 @@ class ModelMixPane(Pane):
         )
         lines_widget = self.query_one("#mix-lines", Static)
         if not rows:
-            lines_widget.update(Content.styled("no usage in this window", muted))
+            update_static(lines_widget, Content.styled("no usage in this window", muted))
             return
         width = self.inner_width - 1
         name_w = max(8, min(24, max(len(r.model) for r in rows), width // 3))
@@ -78,4 +79,4 @@ class ModelMixPane(Pane):
                 (f"{fmt.count(reqs)} req", "bold"),
             )
         )
-        lines_widget.update(Content("\n").join(lines))
+        update_static(lines_widget, Content("\n").join(lines))

@@ -14,6 +14,7 @@ from store.records import SourceHealth
 from tui import format as fmt
 from tui.panes.base import Pane
 from tui.snapshot import Snapshot
+from tui.widgets.quiet import update_static
 from tui.widgets.table import Role, ThemedTable
 
 COLUMNS: tuple[tuple[str, str, int, bool], ...] = (
@@ -134,7 +135,7 @@ class SourcesPane(Pane):
         if keys == self._row_keys:
             for s in rows:
                 for column, value in self._cells(s, snapshot).items():
-                    table.update_cell(s.name, column, value)
+                    table.set_cell(s.name, column, value)
         else:
             table.clear()
             for s in rows:
@@ -144,12 +145,13 @@ class SourcesPane(Pane):
         cpu = self.cpu.sample()
         calls = sum(s.calls_last_hour for s in rows)
         muted = "$text-muted"
-        self.query_one("#sources-monitor", Static).update(
+        update_static(
+            self.query_one("#sources-monitor", Static),
             Content.assemble(
                 ("monitor cpu ", muted),
                 ("—" if cpu is None else f"{cpu:.1f}%", "bold"),
                 ("  api calls ", muted),
                 (f"{fmt.count(calls)}/h", "bold"),
                 (f" ({calls / 60:.1f}/min)", muted),
-            )
+            ),
         )

@@ -13,6 +13,7 @@ from tui import format as fmt
 from tui.panes.base import Pane
 from tui.snapshot import Snapshot
 from tui.widgets.chart import TimeChart
+from tui.widgets.quiet import update_static
 
 LABEL = 7
 MONEY = 10
@@ -166,12 +167,13 @@ class SpendPane(Pane):
                     gap_text += f" {'+' if share > 0 else ''}{fmt.pct(share)}"
                 role = "$warning" if share is None or abs(share) > 0.05 else ""
                 lines.append(line + Content.styled(gap_text, role))
-        self.query_one("#spend-figures", Static).update(Content("\n").join(lines))
+        update_static(self.query_one("#spend-figures", Static), Content("\n").join(lines))
         chart = self.query_one(TimeChart)
         chart.data = tuple(float(v) for v in snapshot.series)
         peak = max(snapshot.series, default=Decimal(0))
         totals = snapshot.window_totals
-        self.query_one("#spend-caption", Static).update(
+        update_static(
+            self.query_one("#spend-caption", Static),
             Content.assemble(
                 (f"$ per {_step_name(snapshot.series_step)}", muted),
                 ("  peak ", muted),
@@ -181,5 +183,5 @@ class SpendPane(Pane):
                 ("  ", muted),
                 fmt.count(totals.requests),
                 (" req", muted),
-            )
+            ),
         )

@@ -8,6 +8,7 @@ from textual.reactive import reactive
 from textual.widgets import Static
 
 from tui.format import age
+from tui.widgets.quiet import update_static
 
 
 class FreshnessBadge(Static):
@@ -94,4 +95,4 @@ class FreshnessBadge(Static):
             text = f"stale · {age(seconds)}"
         for name in ("live", "stale", "dead", "empty"):
             self.set_class(name == state, f"-{name}")
-        self.update(text)
+        update_static(self, text)

@@ -7,6 +7,8 @@ from textual.containers import Horizontal
 from textual.content import Content
 from textual.widgets import Static
 
+from tui.widgets.quiet import update_static
+
 
 class TopBar(Horizontal):
     """Shows what the screen is looking at; every value is set by the app."""
@@ -44,15 +46,16 @@ class TopBar(Horizontal):
         """Redraw from the app's state."""
         label_widget = self.query_one("#top-label", Static)
         label_widget.display = bool(label)
-        label_widget.update(label)
+        update_static(label_widget, label)
         parts = [
             Content.from_markup("[reverse $accent] $w [/]", w=w)
             if w == window
             else Content.from_markup("[$text-muted] $w [/]", w=w)
             for w in windows
         ]
-        self.query_one("#top-windows", Static).update(
-            Content.assemble("window ", *parts, f"   by {group}")
+        update_static(
+            self.query_one("#top-windows", Static),
+            Content.assemble("window ", *parts, f"   by {group}"),
         )
         state: list[Content] = []
         if text:
@@ -61,4 +64,4 @@ class TopBar(Horizontal):
             state.append(Content.from_markup("[b $error]$e[/]", e=error))
         if paused:
             state.append(Content.from_markup("[reverse b $warning] PAUSED [/]"))
-        self.query_one("#top-state", Static).update(Content(" · ").join(state))
+        update_static(self.query_one("#top-state", Static), Content(" · ").join(state))
