@@ -394,8 +394,17 @@ class MeteringProxy:
         self._server: asyncio.Server | None = None
         self._clients: dict[asyncio.Task[Any], _Client] = {}
         self._active: weakref.WeakSet[_Conn] = weakref.WeakSet()
+        self._in_flight = 0
+        self._idle: asyncio.Event | None = None
         self._stopping = False
         self.port = config.port
+
+    async def wait_idle(self) -> None:
+        """Return once no request is being handled (every exchange has reached the sink)."""
+        if self._in_flight:
+            if self._idle is None:
+                self._idle = asyncio.Event()
+            await self._idle.wait()
 
     async def start(self) -> int:
         """Listen; returns the port (useful with ``port=0``)."""
@@ -470,7 +479,14 @@ class MeteringProxy:
                     break
                 except (asyncio.IncompleteReadError, ConnectionError):
                     break
-                keep = await self._handle(request, writer)
+                self._in_flight += 1
+                try:
+                    keep = await self._handle(request, writer)
+                finally:
+                    self._in_flight -= 1
+                    if not self._in_flight and self._idle is not None:
+                        self._idle.set()
+                        self._idle = None
                 if not (keep and request.keep_alive):
                     break
             with contextlib.suppress(ConnectionError):
@@ -897,6 +913,11 @@ class ProxyThread:
         if self._error is not None:
             raise self._error
         return self
+
+    def wait_idle(self, timeout: float = 30.0) -> None:
+        """Block until the proxy handles no request (so every exchange reached the sink)."""
+        if self._loop is not None:
+            asyncio.run_coroutine_threadsafe(self.proxy.wait_idle(), self._loop).result(timeout)
 
     def stop(self) -> None:
         """Stop the proxy (requests in flight finish first) and join the thread."""

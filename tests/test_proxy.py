@@ -74,6 +74,7 @@ class Stack:
         return anthropic.Anthropic(base_url=self.proxy.url, api_key=ANT_KEY, max_retries=0)
 
     def rows(self) -> list[dict[str, object]]:
+        self.proxy.wait_idle()
         assert self.recorder.flush()
         with Store(self.db_path) as store:
             return [dict(r) for r in store.query("SELECT * FROM request ORDER BY ts, request_id")]
