@@ -38,6 +38,7 @@ import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -166,7 +167,11 @@ def error_body(status: int, message: str, kind: str = "proxy_error") -> bytes:
     ).encode()
 
 
-def _response(status: int, reason: str, body: bytes, *, close: bool) -> bytes:
+def _response(status: int, body: bytes, *, close: bool) -> bytes:
+    try:
+        reason = HTTPStatus(status).phrase
+    except ValueError:
+        reason = "Error"
     return b"".join(
         (
             f"HTTP/1.1 {status} {reason}\r\n".encode(),
@@ -213,7 +218,14 @@ def _parse_head(head: bytes) -> tuple[list[bytes], list[tuple[bytes, bytes, byte
     headers = []
     for line in lines[1:]:
         name, sep, value = line.partition(b":")
-        if not sep or not name or name[-1:] in (b" ", b"\t") or line[:1] in (b" ", b"\t"):
+        if (
+            not sep
+            or not name
+            or name[-1:] in (b" ", b"\t")
+            or line[:1] in (b" ", b"\t")
+            or b"\n" in line
+            or b"\r" in line
+        ):
             raise _ClientError(400, "malformed header line")
         headers.append((name.lower(), name, value.strip(b" \t")))
     return lines[0].split(b" ", 2), headers
@@ -463,7 +475,7 @@ class MeteringProxy:
                 try:
                     head = await reader.readuntil(b"\r\n\r\n")
                 except asyncio.LimitOverrunError:
-                    writer.write(_response(431, "Request Header Fields Too Large", b"", close=True))
+                    writer.write(_response(431, b"", close=True))
                     break
                 except (asyncio.IncompleteReadError, ConnectionError):
                     break
@@ -475,9 +487,13 @@ class MeteringProxy:
                     await self._read_body(request, reader, writer)
                 except _ClientError as exc:
                     body = error_body(exc.status, exc.message, "invalid_request")
-                    writer.write(_response(exc.status, "Bad Request", body, close=True))
+                    writer.write(_response(exc.status, body, close=True))
                     break
                 except (asyncio.IncompleteReadError, ConnectionError):
+                    break
+                except ValueError:  # a chunk line longer than the stream's limit
+                    body = error_body(400, "malformed chunked body", "invalid_request")
+                    writer.write(_response(400, body, close=True))
                     break
                 self._in_flight += 1
                 try:
@@ -564,12 +580,12 @@ class MeteringProxy:
         if routed is None:
             if request.method in (b"GET", b"HEAD") and request.target.split(b"?")[0] == b"/healthz":
                 body = b'{"status":"ok"}'
-                writer.write(_response(200, "OK", body, close=False))
+                writer.write(_response(200, body, close=False))
                 return True
             body = error_body(
                 404, "tokentop proxy: only /v1/... API paths are proxied", "not_found"
             )
-            writer.write(_response(404, "Not Found", body, close=False))
+            writer.write(_response(404, body, close=False))
             return True
         upstream, target = routed
         method = request.method.decode("latin-1")
@@ -593,7 +609,7 @@ class MeteringProxy:
             self.errors += 1
             log.warning("%s %s: %s", method, path, exc)
             body = error_body(502, f"tokentop proxy: {exc}", "upstream_error")
-            writer.write(_response(502, "Bad Gateway", body, close=False))
+            writer.write(_response(502, body, close=False))
             return True
 
     def _upstream_head(
@@ -646,7 +662,10 @@ class MeteringProxy:
                         conn.close()
                         raise _UpstreamError(f"{upstream.url} sent a malformed response")
                     status = int(start[1])
-                    if status >= 200 or status == 101:
+                    if status == 101:  # never asked for: Upgrade is not forwarded
+                        conn.close()
+                        raise _UpstreamError(f"{upstream.url} switched protocols unasked")
+                    if status >= 200:
                         return conn, start, headers, raw
             except asyncio.IncompleteReadError as exc:
                 conn.close()

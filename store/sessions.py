@@ -5,8 +5,8 @@ pytest plugin), stops it, and later compares it with another session: "this chan
 query 30 % dearer". A session is a time window plus an optional tag filter; nothing is copied, so
 a snapshot is always computed from the ``request`` table (and the GPU tables for self-hosted cost).
 
-The ``session`` table is created on first use (``CREATE TABLE IF NOT EXISTS``), so databases made
-before sessions existed need no migration.
+The ``meter_session`` table is created on first use (``CREATE TABLE IF NOT EXISTS``), so
+databases made before sessions existed need no migration.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from store.records import from_epoch
 from store.request_queries import RequestStats, request_stats, request_stats_by
 
 SCHEMA = """
-CREATE TABLE IF NOT EXISTS session (
+CREATE TABLE IF NOT EXISTS meter_session (
     name TEXT PRIMARY KEY,
     tag TEXT NOT NULL DEFAULT '',
     started INTEGER NOT NULL,
@@ -67,7 +67,9 @@ def ensure_schema(store: Store) -> None:
 
 
 def _exists(store: Store) -> bool:
-    rows = store.query("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'session'")
+    rows = store.query(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meter_session'"
+    )
     return bool(rows)
 
 
@@ -94,10 +96,10 @@ def start_session(store: Store, name: str, now: datetime, tag: str = "") -> Sess
         )
     ensure_schema(store)
     with store.transaction() as conn:
-        if conn.execute("SELECT 1 FROM session WHERE name = ?", (name,)).fetchone():
+        if conn.execute("SELECT 1 FROM meter_session WHERE name = ?", (name,)).fetchone():
             raise SessionError(f"session {name!r} already exists")
         conn.execute(
-            "INSERT INTO session (name, tag, started, stopped) VALUES (?, ?, ?, NULL)",
+            "INSERT INTO meter_session (name, tag, started, stopped) VALUES (?, ?, ?, NULL)",
             (name, tag, _ms(now)),
         )
     return Session(name=name, started=from_epoch(_ms(now) / 1000), tag=tag)
@@ -119,7 +121,7 @@ def stop_session(store: Store, now: datetime, name: str | None = None) -> Sessio
             raise SessionError(f"session {name!r} is already stopped")
     stopped = max(_ms(now), _ms(session.started))
     with store.transaction() as conn:
-        conn.execute("UPDATE session SET stopped = ? WHERE name = ?", (stopped, session.name))
+        conn.execute("UPDATE meter_session SET stopped = ? WHERE name = ?", (stopped, session.name))
     return Session(session.name, session.started, from_epoch(stopped / 1000), session.tag)
 
 
@@ -127,12 +129,14 @@ def list_sessions(store: Store) -> list[Session]:
     """Every session, oldest first."""
     if not _exists(store):
         return []
-    return [_session(r) for r in store.query("SELECT * FROM session ORDER BY started, name")]
+    return [_session(r) for r in store.query("SELECT * FROM meter_session ORDER BY started, name")]
 
 
 def get_session(store: Store, name: str) -> Session:
     """The session called ``name``; :class:`SessionError` when there is none."""
-    rows = store.query("SELECT * FROM session WHERE name = ?", (name,)) if _exists(store) else []
+    rows = (
+        store.query("SELECT * FROM meter_session WHERE name = ?", (name,)) if _exists(store) else []
+    )
     if not rows:
         raise SessionError(f"unknown session {name!r} (see `tokentop session list`)")
     return _session(rows[0])
@@ -169,11 +173,21 @@ class Snapshot:
         return self.gpu_cost / self.gpu_inferences if self.gpu_inferences else None
 
 
-def snapshot(store: Store, session: Session, now: datetime) -> Snapshot:
-    """The session's figures, computed from the metered requests in its window."""
+def _window(session: Session, now: datetime) -> tuple[datetime, datetime, datetime]:
     start, end = session.started, session.end(now)
     # Windows are half-open; a request in the stop millisecond still belongs to the session.
-    end_q = from_epoch((_ms(end) + 1) / 1000)
+    return start, end, from_epoch((_ms(end) + 1) / 1000)
+
+
+def session_stats(store: Store, session: Session, now: datetime) -> RequestStats:
+    """The session's request figures alone (cheaper than a :func:`snapshot`)."""
+    start, _end, end_q = _window(session, now)
+    return request_stats(store, start, end_q, tag=session.tag or None)
+
+
+def snapshot(store: Store, session: Session, now: datetime) -> Snapshot:
+    """The session's figures, computed from the metered requests in its window."""
+    start, end, end_q = _window(session, now)
     tag = session.tag or None
     stats = request_stats(store, start, end_q, tag=tag)
     by_model = request_stats_by(store, start, end_q, "model", tag=tag, limit=1000)

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import gzip
 import json
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 
@@ -36,10 +38,12 @@ from collectors.meter import (
     tagged,
 )
 from pricing.book import ModelPriceOverride, PriceBook, PricingConfig
+from store import queries
 from store.db import Store
 from store.records import MeteredRequest
 from tests.fakes.upstream import FakeUpstream
 
+ROOT = Path(__file__).resolve().parent.parent
 T0 = datetime(2025, 8, 1, 12, tzinfo=UTC)
 
 BOOK = PriceBook(
@@ -477,8 +481,8 @@ def test_recorder_writes_in_background_and_stops_cleanly(db_path: Path) -> None:
     with Store(db_path) as store:
         rows = store.query("SELECT COUNT(*), SUM(cost_nano), MIN(tag) FROM request")[0]
         assert tuple(rows) == (5, 5 * 1500, "t")
-        usage = store.query("SELECT SUM(requests) FROM usage WHERE source = 'meter'")[0][0]
-        assert usage == 5
+        # Metered requests count in every usage query (report, panes).
+        assert queries.totals(store, T0, T0 + timedelta(minutes=1)).requests == 5
         assert store.query("SELECT state FROM source WHERE name = 'test'")[0][0] == "ok"
     recorder.record(
         MeteredRequest(ts=T0, provider="openai", model="gpt-4o-mini", request_id="late", output=1)
@@ -489,3 +493,23 @@ def test_recorder_writes_in_background_and_stops_cleanly(db_path: Path) -> None:
     assert recorder.written == 6
     recorder(Exchange(api=CHAT, provider="openai", ts=T0))
     assert recorder.dropped == 1
+
+
+def test_recorder_flushes_at_exit_without_close(db_path: Path) -> None:
+    script = f"""
+from datetime import datetime, UTC
+from collectors.meter import Recorder
+from pricing.book import PriceBook
+from store.records import MeteredRequest
+
+recorder = Recorder({str(db_path)!r}, PriceBook(), flush_interval_s=60)
+recorder.record(MeteredRequest(ts=datetime.now(UTC), provider="openai", model="gpt-4o-mini",
+                               request_id="r1", input_uncached=1000))
+# no close(): the interpreter exits with the request still queued
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    with Store(db_path) as store:
+        assert store.query("SELECT request_id, priced FROM request")[0][:] == ("r1", 1)

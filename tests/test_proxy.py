@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import logging
 import random
+import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -413,3 +415,54 @@ def test_no_prompt_response_or_key_reaches_the_database_or_logs(
         assert secret.encode() not in blob, secret
         assert secret not in caplog.text, secret
         assert secret not in printed.out + printed.err, secret
+
+
+def test_https_upstream(db_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is needed to make a test certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [
+            "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+            "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+            "-keyout", str(key), "-out", str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server.load_cert_chain(cert, key)
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # the proxy's default context trusts it
+    recorder = Recorder(db_path, BOOK, health_name="")
+    with FakeUpstream(tls=server) as up:
+        assert up.url.startswith("https://")
+        with ProxyThread(ProxyConfig(port=0, openai=up.url, anthropic=up.url), recorder) as p:
+            client = openai.OpenAI(base_url=f"{p.url}/v1", api_key=KEY, max_retries=0)
+            for _ in range(2):  # the second reuses the pooled TLS connection
+                client.chat.completions.create(model="gpt-4o-mini", messages=HELLO)
+            p.wait_idle()
+    recorder.close()
+    with Store(db_path) as store:
+        rows = [dict(r) for r in store.query("SELECT * FROM request")]
+    assert [usage_of(r) for r in rows] == [CHAT_TOKENS, CHAT_TOKENS]
+
+
+def test_client_that_leaves_mid_stream(db_path: Path) -> None:
+    gate = threading.Event()
+    with Stack(db_path, hold=gate) as stack:
+        port = int(stack.proxy.url.rsplit(":", 1)[1])
+        body = json.dumps({"model": "gpt-4o-mini", "messages": HELLO, "stream": True}).encode()
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.sendall(
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+                % (len(body), body)
+            )
+            received = b""
+            while b"data: " not in received:
+                received += s.recv(65536)
+        gate.set()  # the rest goes to a closed connection
+        [row] = stack.rows()
+        assert row["estimated"] == 1 and row["status"] == 200
+        # The proxy is still serving.
+        reply = stack.openai().chat.completions.create(model="gpt-4o-mini", messages=HELLO)
+        assert reply.usage is not None and reply.usage.completion_tokens == 300

@@ -138,12 +138,22 @@ def _proxy(ctx: Any) -> int:
 
     def ready(p: MeteringProxy) -> None:
         recorder.detail = f"listening on {p.url}"
+        if config.host not in ("127.0.0.1", "localhost", "::1"):
+            print(
+                f"tokentop proxy: warning: listening on {config.host}, not loopback; anyone who"
+                " can reach it can spend through the API keys its clients send",
+                file=sys.stderr,
+            )
         print(
             f"tokentop proxy listening on {p.url} (OpenAI: {p.url}/v1 -> {p.openai.url}; "
             f"Anthropic: {p.url} -> {p.anthropic.url}); recording to {ctx.db_path}",
             file=sys.stderr,
             flush=True,
         )
+
+    # The recorder thread parses and prices in short slices; a short switch interval keeps it
+    # from holding the GIL for long while the event loop has a response to relay.
+    sys.setswitchinterval(0.001)
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
@@ -217,8 +227,7 @@ def _session(ctx: Any) -> int:
             return 0
         if command == "stop":
             s = sessions.stop_session(store, now, args.name)
-            snap = sessions.snapshot(store, s, now)
-            st = snap.stats
+            st = sessions.session_stats(store, s, now)
             print(
                 f"stopped session {s.name}: {st.requests:,} requests, {_money(st.cost)}"
                 f" ({_money(st.cost_per_request)}/request)"
@@ -246,7 +255,7 @@ def _list(store: Any, now: Any, as_json: bool) -> int:
 
     rows: list[dict[str, Any]] = []
     for s in sessions.list_sessions(store):
-        st = sessions.snapshot(store, s, now).stats
+        st = sessions.session_stats(store, s, now)
         rows.append(
             {
                 "name": s.name,

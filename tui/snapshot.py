@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
 
-from store import queries
+from store import queries, request_queries
 from store.db import Store
 from store.queries import (
     CostRow,
@@ -22,6 +22,7 @@ from store.queries import (
     Totals,
 )
 from store.records import SourceHealth
+from store.request_queries import RequestStats
 
 WINDOWS: dict[str, int] = {
     "15m": 15 * 60,
@@ -112,6 +113,10 @@ class Snapshot:
     gpu_series: tuple[Decimal | None, ...] = ()
     gpu_step: int = 60
     sources: tuple[SourceHealth, ...] = ()
+    metered: RequestStats | None = None
+    """Requests seen by the per-request meter in the window (proxy, httpx hook, pytest)."""
+    metered_by_tag: tuple[RequestStats, ...] = ()
+    """The dearest tags (or tests) among them."""
     newest_usage: datetime | None = None
     elapsed_s: float = 0.0
     """Wall time the queries took."""
@@ -153,6 +158,12 @@ def build_snapshot(store: Store, request: RefreshRequest) -> Snapshot:
         values["billed"] = summarise_billed(queries.billed_vs_estimated(store, start, end))
     if "cost" in panes:
         values["cost_rows"] = tuple(queries.cost_by(store, start, end, request.group, text))
+        metered = request_queries.request_stats(store, start, end, text=text)
+        if metered.requests:
+            values["metered"] = metered
+            values["metered_by_tag"] = tuple(
+                request_queries.request_stats_by(store, start, end, "tag", text=text, limit=3)
+            )
     if "mix" in panes:
         values["mix"] = tuple(queries.model_mix(store, start, end, text))
     if "gpu" in panes:

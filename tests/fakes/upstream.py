@@ -26,6 +26,7 @@ import contextlib
 import copy
 import gzip
 import json
+import ssl
 import threading
 import uuid
 from dataclasses import dataclass, field
@@ -86,6 +87,8 @@ class FakeUpstream:
     hold: threading.Event | None = None
     hold_timeout_s: float = 10.0
     record: bool = True
+    tls: ssl.SSLContext | None = None
+    """Serve HTTPS with this server context."""
     port: int = 0
     received: list[Received] = field(default_factory=list)
     released_by_client: bool | None = None
@@ -101,7 +104,7 @@ class FakeUpstream:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     def __enter__(self) -> FakeUpstream:
         self._thread = threading.Thread(target=self._run, name="fake-upstream", daemon=True)
@@ -123,7 +126,7 @@ class FakeUpstream:
         self._stop = asyncio.Event()
         self._writers: set[asyncio.StreamWriter] = set()
         self._server = await asyncio.start_server(
-            self._client, "127.0.0.1", self.port, backlog=1024
+            self._client, "127.0.0.1", self.port, backlog=1024, ssl=self.tls
         )
         self.port = self._server.sockets[0].getsockname()[1]
         self._ready.set()

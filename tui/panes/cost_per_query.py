@@ -48,6 +48,7 @@ class CostPerQueryPane(Pane):
     def compose_body(self) -> Iterable[Widget]:
         yield ThemedTable(id="cost-table", cursor_type="row", zebra_stripes=True)
         yield Static("", id="cost-note")
+        yield Static("", id="cost-metered")
 
     def on_mount(self) -> None:
         self._set_columns(self.group)
@@ -144,3 +145,33 @@ class CostPerQueryPane(Pane):
         else:
             update_static(note, "")
         note.display = bool(partial or not rows)
+        self._show_metered(snapshot)
+
+    def _show_metered(self, snapshot: Snapshot) -> None:
+        """Per-request figures from the meter: exact, within a second of each response."""
+        line = self.query_one("#cost-metered", Static)
+        stats = snapshot.metered
+        line.display = stats is not None
+        if stats is None:
+            return
+        muted = "$text-muted"
+        parts: list[Content | tuple[str, str] | str] = [
+            ("metered ", "bold $accent"),
+            (fmt.count(stats.requests), "bold"),
+            (" req", muted),
+            ("  p50 ", muted),
+            (fmt.usd_unit(stats.p50), "bold"),
+            ("  p95 ", muted),
+            (fmt.usd_unit(stats.p95), "bold"),
+        ]
+        if stats.unpriced_requests:
+            parts.append((f"  {stats.unpriced_requests} unpriced", "$warning"))
+        if stats.estimated_requests:
+            parts.append((f"  {stats.estimated_requests} estimated", "$warning"))
+        tags = [t for t in snapshot.metered_by_tag if t.key]
+        if tags:
+            top = tags[0]
+            parts += [("  top ", muted), (top.key, "bold")]
+            if top.cost_per_request is not None:
+                parts += [(" ", ""), (fmt.usd_unit(top.cost_per_request), ""), ("/req", muted)]
+        update_static(line, Content.assemble(*parts))

@@ -55,7 +55,7 @@ class GpuPane(Pane):
             if source is None:
                 reason = Content.styled("no GPU source configured", muted)
             else:
-                why = source.detail or source.last_error or f"state {source.state}"
+                why = source.last_error or source.detail or f"state {source.state}"
                 reason = Content.assemble(
                     (f"{source.name}: ", "bold"),
                     (why, "$warning" if source.last_error else muted),

@@ -145,9 +145,23 @@ class SourcesPane(Pane):
         cpu = self.cpu.sample()
         calls = sum(s.calls_last_hour for s in rows)
         muted = "$text-muted"
+        # Without any source of spend, say how to get one rather than show an empty monitor.
+        spend_kinds = {"openai", "anthropic", "demo", "meter"}
+        hint = (
+            ()
+            if any(s.kind in spend_kinds for s in rows)
+            else (
+                (
+                    "no spend source: set OPENAI_ADMIN_KEY or ANTHROPIC_ADMIN_KEY, or try "
+                    "tokentop --demo  ",
+                    "$warning",
+                ),
+            )
+        )
         update_static(
             self.query_one("#sources-monitor", Static),
             Content.assemble(
+                *hint,
                 ("monitor cpu ", muted),
                 ("—" if cpu is None else f"{cpu:.1f}%", "bold"),
                 ("  api calls ", muted),
