@@ -35,8 +35,8 @@ from bench.generate import print_summary as print_generation
 from collectors.runner import price_batch
 from pricing.book import PriceBook
 from store import queries
-from store.db import Store
-from store.records import Batch, UsageBucket, to_epoch
+from store.db import SERIES_COLUMNS, USAGE_SUMS, Store, StoreError
+from store.records import USAGE_DIMENSIONS, Batch, UsageBucket, to_epoch
 
 WINDOWS: dict[str, timedelta] = {
     "15m": timedelta(minutes=15),
@@ -68,8 +68,22 @@ def ingest_data(rows: int, series: int, seed: int) -> list[list[UsageBucket]]:
     return batches
 
 
+PLAIN_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("start", "INTEGER"),
+    ("source", "TEXT"),
+    ("width", "INTEGER"),
+    ("provider", "TEXT"),
+    ("model", "TEXT"),
+    *((d, "TEXT") for d in USAGE_DIMENSIONS),
+    *((c, "INTEGER") for c in USAGE_SUMS),
+    ("priced", "INTEGER"),
+    ("price_ref", "TEXT"),
+)
+"""Every field of a usage bucket, as :func:`_row` gives them: the plain table's columns."""
+
+
 def _row(b: UsageBucket) -> tuple[Any, ...]:
-    # The same columns, in the same order, as Store._write_usage.
+    # Every field of the bucket, in PLAIN_COLUMNS order.
     return (
         to_epoch(b.start),
         b.source,
@@ -104,21 +118,43 @@ def _connect(path: Path) -> sqlite3.Connection:
     return conn
 
 
+def _keyed_rows(
+    path: Path, batches: Sequence[Sequence[tuple[Any, ...]]]
+) -> list[list[tuple[Any, ...]]]:
+    """The rows as the store's ``usage`` table holds them (series ids in place of the
+    dimensions), the ``series`` rows stored beforehand in ``path``."""
+    ids: dict[tuple[Any, ...], int] = {}
+    out = []
+    for rows in batches:
+        out.append(
+            [(r[0], ids.setdefault((r[1], *r[3:12]), len(ids) + 1), r[2], *r[12:]) for r in rows]
+        )
+    conn = _connect(path)
+    conn.executemany(
+        f"INSERT INTO series (id, {', '.join(SERIES_COLUMNS)})"
+        f" VALUES ({', '.join('?' * (len(SERIES_COLUMNS) + 1))})",
+        [(i, *key) for key, i in ids.items()],
+    )
+    conn.close()
+    return out
+
+
 def _raw(path: Path, batches: Sequence[Sequence[tuple[Any, ...]]], keyed: bool) -> float:
     """Seconds to ``executemany`` the rows, one transaction per batch.
 
-    ``keyed``: into the store's own ``usage`` table (its primary key, ``INSERT OR REPLACE``);
-    otherwise into a plain table with the same columns and declared types, and no key.
+    ``keyed``: into the store's own ``usage`` table (its primary key, ``INSERT OR REPLACE``), the
+    series ids resolved beforehand; otherwise the bucket's every field (:data:`PLAIN_COLUMNS`)
+    into a plain table with those columns and declared types, and no key.
     """
     Store(path).close()
-    conn = _connect(path)
-    columns = [(r[1], r[2]) for r in conn.execute("PRAGMA table_info(usage)")]
     if keyed:
-        table, verb = "usage", "INSERT OR REPLACE"
-    else:
-        table, verb = "raw_usage", "INSERT"
-        conn.execute(f"CREATE TABLE raw_usage ({', '.join(f'{n} {t}' for n, t in columns)})")
-    sql = f"{verb} INTO {table} VALUES ({', '.join('?' * len(columns))})"
+        batches = _keyed_rows(path, batches)
+        width = len(batches[0][0]) if batches and batches[0] else 0
+        sql = f"INSERT OR REPLACE INTO usage VALUES ({', '.join('?' * width)})"
+    conn = _connect(path)
+    if not keyed:
+        conn.execute(f"CREATE TABLE raw_usage ({', '.join(f'{n} {t}' for n, t in PLAIN_COLUMNS)})")
+        sql = f"INSERT INTO raw_usage VALUES ({', '.join('?' * len(PLAIN_COLUMNS))})"
     gc.collect()
     began = time.perf_counter()
     for rows in batches:
@@ -183,7 +219,7 @@ def bench_ingest(rows: int, series: int, seed: int, reps: int) -> None:
             rate["keyed"],
             "rows/s",
             f"{rate['keyed'] / rate['plain']:.0%}",
-            "its key, INSERT OR REPLACE, no rollup",
+            "its key, series ids given, INSERT OR REPLACE, no rollup",
         ),
         (
             "Store.write_batch (rollups included)",
@@ -310,8 +346,11 @@ def bench_queries(store: Store, now: datetime, reps: int) -> None:
 def _dataset(args: argparse.Namespace, tmp: Path) -> Path:
     keep: Path | None = args.keep
     if keep is not None and keep.exists():
-        with Store(keep, readonly=True) as store:
-            info = dataset_info(store)
+        try:
+            with Store(keep, readonly=True) as store:
+                info = dataset_info(store)
+        except StoreError as exc:  # e.g. generated before a schema change
+            sys.exit(f"--keep {keep}: {exc}; or delete it and let this regenerate it")
         wanted = {"days": args.days, "series": args.series, "seed": args.seed}
         if info is None or any(info.get(k) != v for k, v in wanted.items()):
             sys.exit(f"--keep {keep}: holds {info}, not {wanted}; delete it or pick another")

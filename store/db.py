@@ -1,10 +1,12 @@
-"""The SQLite store: schema, idempotent batch writes, hourly rollups and source health.
+"""The SQLite store: schema, idempotent batch writes, usage rollups and source health.
 
 One writer process and any number of readers share a file in WAL mode. Every batch is written in
-one transaction. Usage buckets are keyed on every dimension; a poll that says it re-read a window
-(:class:`~store.records.UsageWindow`) replaces that window, so re-polling never counts twice.
-Each fine-grained table has an hourly rollup kept in step on every write, so that long windows are
-summed from a few thousand rows instead of millions.
+one transaction. A usage bucket's dimensions (source, provider, model, project, ...) are stored
+once, as a row of the small ``series`` table; ``usage`` is keyed on ``(start, series_id, width)``.
+A poll that says it re-read a window (:class:`~store.records.UsageWindow`) replaces that window,
+so re-polling never counts twice. Usage is rolled up by hour and by UTC day, GPU and inference
+samples by hour, all kept in step on every write, so that long windows are summed from a few
+thousand rows instead of millions.
 """
 
 from __future__ import annotations
@@ -33,12 +35,16 @@ from store.records import (
     to_epoch,
 )
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""1: one wide ``usage`` table keyed on every dimension. 2: ``series`` ids, ``usage_day``."""
 HOUR = 3600
+DAY = 86400
 
-_DIMS = ", ".join(USAGE_DIMENSIONS)
+SERIES_COLUMNS: tuple[str, ...] = ("source", "provider", "model", *USAGE_DIMENSIONS)
+"""What identifies a series (and what ``usage_rows`` exposes of it), in this order."""
+_SERIES = ", ".join(SERIES_COLUMNS)
 _DIM_COLUMNS = ",\n    ".join(f"{d} TEXT NOT NULL DEFAULT ''" for d in USAGE_DIMENSIONS)
-_USAGE_SUMS = (
+USAGE_SUMS: tuple[str, ...] = (
     "input_uncached",
     "cache_read",
     "cache_write_5m",
@@ -48,34 +54,46 @@ _USAGE_SUMS = (
     "web_searches",
     "cost_nano",
 )
-_SUM_COLUMNS = ",\n    ".join(f"{c} INTEGER NOT NULL DEFAULT 0" for c in _USAGE_SUMS)
+"""The summed columns of ``usage`` and of its rollups."""
+_SUMS = ", ".join(USAGE_SUMS)
+_SUM_COLUMNS = ",\n    ".join(f"{c} INTEGER NOT NULL DEFAULT 0" for c in USAGE_SUMS)
+
+
+def _usage_rollup_ddl(table: str) -> str:
+    return f"""
+CREATE TABLE IF NOT EXISTS {table} (
+    start INTEGER NOT NULL,
+    series_id INTEGER NOT NULL,
+    priced INTEGER NOT NULL,
+    {_SUM_COLUMNS},
+    PRIMARY KEY (start, series_id, priced)
+) WITHOUT ROWID;
+"""
+
 
 SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 
-CREATE TABLE IF NOT EXISTS usage (
-    start INTEGER NOT NULL,
+CREATE TABLE IF NOT EXISTS series (
+    id INTEGER PRIMARY KEY,
     source TEXT NOT NULL,
-    width INTEGER NOT NULL,
     provider TEXT NOT NULL,
     model TEXT NOT NULL,
     {_DIM_COLUMNS},
+    UNIQUE ({_SERIES})
+);
+
+CREATE TABLE IF NOT EXISTS usage (
+    start INTEGER NOT NULL,
+    series_id INTEGER NOT NULL,
+    width INTEGER NOT NULL,
     {_SUM_COLUMNS},
     priced INTEGER NOT NULL,
     price_ref TEXT NOT NULL DEFAULT '',
-    PRIMARY KEY (start, source, width, provider, model, {_DIMS})
+    PRIMARY KEY (start, series_id, width)
 ) WITHOUT ROWID;
-
-CREATE TABLE IF NOT EXISTS usage_hour (
-    start INTEGER NOT NULL,
-    source TEXT NOT NULL,
-    provider TEXT NOT NULL,
-    model TEXT NOT NULL,
-    {_DIM_COLUMNS},
-    priced INTEGER NOT NULL,
-    {_SUM_COLUMNS},
-    PRIMARY KEY (start, source, provider, model, {_DIMS}, priced)
-) WITHOUT ROWID;
+{_usage_rollup_ddl("usage_hour")}
+{_usage_rollup_ddl("usage_day")}
 
 CREATE TABLE IF NOT EXISTS billed (
     day INTEGER NOT NULL,
@@ -192,7 +210,7 @@ CREATE TABLE IF NOT EXISTS source_calls (
 
 @dataclass(frozen=True, slots=True)
 class Rollup:
-    """How a fine table rolls up into its hourly table."""
+    """How a fine millisecond table (``gpu``, ``inference``) rolls up into its hourly table."""
 
     fine: str
     hour: str
@@ -203,14 +221,6 @@ class Rollup:
     sums: tuple[str, ...]
 
 
-USAGE_ROLLUP = Rollup(
-    "usage",
-    "usage_hour",
-    "start",
-    1,
-    ("source", "provider", "model", *USAGE_DIMENSIONS, "priced"),
-    _USAGE_SUMS,
-)
 GPU_ROLLUP = Rollup(
     "gpu",
     "gpu_hour",
@@ -227,6 +237,23 @@ INFERENCE_ROLLUP = Rollup(
     ("source", "endpoint", "kind"),
     ("interval_ms", "requests", "prompt_tokens", "generation_tokens"),
 )
+
+
+class StoreError(ValueError):
+    """The database file cannot be used as it is (e.g. an older schema opened read-only)."""
+
+
+_SERIES_INSERT = (
+    f"INSERT INTO series ({_SERIES}) VALUES ({', '.join('?' * len(SERIES_COLUMNS))})"
+    " ON CONFLICT DO NOTHING"
+)
+_SERIES_SELECT = f"SELECT id FROM series WHERE {' AND '.join(f'{c} = ?' for c in SERIES_COLUMNS)}"
+_USAGE_INSERT = (
+    f"INSERT OR REPLACE INTO usage (start, series_id, width, {_SUMS}, priced, price_ref)"
+    f" VALUES ({', '.join('?' * (len(USAGE_SUMS) + 5))})"
+)
+_OF_SOURCE = "series_id IN (SELECT id FROM series WHERE source = ?)"
+"""A source's series (the series table is small; its unique index starts with ``source``)."""
 
 
 def _ms(when: datetime) -> int:
@@ -260,11 +287,19 @@ class Store:
         self.conn = conn
         self.db = sqlite_utils.Database(conn)
         self._lock = threading.RLock()
-        conn.execute("PRAGMA busy_timeout = 10000")
-        if not readonly:
-            conn.execute("PRAGMA journal_mode = WAL")
-            conn.execute("PRAGMA synchronous = NORMAL")
-            self._migrate()
+        self._series: dict[tuple[Any, ...], int] = {}
+        """Series ids by :data:`SERIES_COLUMNS` values; ids never change once assigned."""
+        try:
+            conn.execute("PRAGMA busy_timeout = 10000")
+            if readonly:
+                self._check_version()
+            else:
+                conn.execute("PRAGMA journal_mode = WAL")
+                conn.execute("PRAGMA synchronous = NORMAL")
+                self._migrate()
+        except BaseException:
+            conn.close()
+            raise
 
     def close(self) -> None:
         """Close the connection."""
@@ -277,13 +312,48 @@ class Store:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def _schema_version(self) -> int | None:
+        """The file's schema version; ``None`` for a new file."""
+        conn = self.conn
+        if not conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'meta'").fetchone():
+            return None
+        row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        return None if row is None else int(row[0])
+
+    def _is_v1(self) -> bool:
+        """Whether the file holds version 1's wide ``usage`` table (dimensions as columns)."""
+        columns = {r[1] for r in self.conn.execute("PRAGMA table_info(usage)")}
+        return "source" in columns
+
+    def _check_version(self) -> None:
+        version = self._schema_version()
+        if version is not None and version > SCHEMA_VERSION:
+            raise StoreError(
+                f"{self.path}: database schema version {version} is newer than this tokentop"
+                f" understands ({SCHEMA_VERSION}); upgrade tokentop"
+            )
+        if self.readonly and self._is_v1():
+            raise StoreError(
+                f"{self.path}: database schema version {version or 1} needs upgrading to"
+                f" {SCHEMA_VERSION}; run any writer command once (e.g. `tokentop collect --once`)"
+            )
+
     def _migrate(self) -> None:
-        with self.transaction():
+        """Create the schema, or bring an older file up to date, in one transaction."""
+        with self.transaction() as conn:
+            self._check_version()  # inside the write lock: another writer may have migrated
+            legacy = self._is_v1()
+            if legacy:
+                conn.execute("ALTER TABLE usage RENAME TO usage_v1")
+                conn.execute("DROP TABLE IF EXISTS usage_hour")
             for statement in SCHEMA.split(";"):
                 if statement.strip():
-                    self.conn.execute(statement)
-            self.conn.execute(
-                "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)",
+                    conn.execute(statement)
+            if legacy:
+                _migrate_v1_usage(conn)
+            conn.execute(
+                "INSERT INTO meta(key, value) VALUES ('schema_version', ?)"
+                " ON CONFLICT(key) DO UPDATE SET value = excluded.value",
                 (str(SCHEMA_VERSION),),
             )
 
@@ -296,6 +366,8 @@ class Store:
                 yield self.conn
             except BaseException:
                 self.conn.execute("ROLLBACK")
+                # Series ids assigned in this transaction are gone with it.
+                self._series.clear()
                 raise
             self.conn.execute("COMMIT")
 
@@ -333,6 +405,20 @@ class Store:
         """Upsert usage buckets (each replaces the bucket with the same key)."""
         self.write_batch(Batch(usage=tuple(buckets)))
 
+    def _series_id(self, conn: sqlite3.Connection, key: tuple[Any, ...]) -> int:
+        """The id of a series (:data:`SERIES_COLUMNS` values), assigned on first sight.
+
+        Another process may assign ids to the same file: insert-if-missing, then read back.
+        """
+        sid = self._series.get(key)
+        if sid is None:
+            conn.execute(_SERIES_INSERT, key)
+            row = conn.execute(_SERIES_SELECT, key).fetchone()
+            if row is None:  # pragma: no cover - the insert either stored it or found it
+                raise StoreError(f"series {key!r} could not be stored")
+            sid = self._series[key] = int(row[0])
+        return sid
+
     def _write_usage(self, conn: sqlite3.Connection, batch: Batch) -> None:
         touched: dict[str, tuple[int, int]] = {}
 
@@ -343,39 +429,36 @@ class Store:
         for window in batch.windows:
             lo, hi = to_epoch(window.start), to_epoch(window.end)
             conn.execute(
-                "DELETE FROM usage WHERE start >= ? AND start < ? AND source = ? AND width = ?",
-                (lo, hi, window.source, window.width_s),
+                f"DELETE FROM usage WHERE start >= ? AND start < ? AND width = ? AND {_OF_SOURCE}",
+                (lo, hi, window.width_s, window.source),
             )
             touch(window.source, lo, hi - 1)
         if batch.usage:
-            columns = (
-                "start",
-                "source",
-                "width",
-                "provider",
-                "model",
-                *USAGE_DIMENSIONS,
-                *_USAGE_SUMS,
-                "priced",
-                "price_ref",
-            )
+            ids = self._series
             rows = []
+            spans: dict[str, list[int]] = {}
             for b in batch.usage:
+                key = (
+                    b.source,
+                    b.provider,
+                    b.model,
+                    b.project,
+                    b.api_key,
+                    b.workspace,
+                    b.tag,
+                    b.service_tier,
+                    b.batch,
+                    b.context_window,
+                )
+                sid = ids.get(key)
+                if sid is None:
+                    sid = self._series_id(conn, key)
                 start = to_epoch(b.start)
                 rows.append(
                     (
                         start,
-                        b.source,
+                        sid,
                         b.width_s,
-                        b.provider,
-                        b.model,
-                        b.project,
-                        b.api_key,
-                        b.workspace,
-                        b.tag,
-                        b.service_tier,
-                        b.batch,
-                        b.context_window,
                         b.input_uncached,
                         b.cache_read,
                         b.cache_write_5m,
@@ -388,14 +471,18 @@ class Store:
                         b.price_ref,
                     )
                 )
-                touch(b.source, start, start)
-            conn.executemany(
-                f"INSERT OR REPLACE INTO usage ({', '.join(columns)}) "
-                f"VALUES ({', '.join('?' * len(columns))})",
-                rows,
-            )
+                span = spans.get(b.source)
+                if span is None:
+                    spans[b.source] = [start, start]
+                elif start < span[0]:
+                    span[0] = start
+                elif start > span[1]:
+                    span[1] = start
+            conn.executemany(_USAGE_INSERT, rows)
+            for source, (lo, hi) in spans.items():
+                touch(source, lo, hi)
         for source, (lo, hi) in touched.items():
-            _refresh_rollup(conn, USAGE_ROLLUP, source, lo, hi)
+            _refresh_usage_rollups(conn, source, lo, hi)
 
     def _write_billed(self, conn: sqlite3.Connection, batch: Batch) -> None:
         for source, start, end in batch.billed_days:
@@ -474,27 +561,38 @@ class Store:
                 (minute, minute) if old is None else (min(old[0], minute), max(old[1], minute))
             )
         for source, (lo, hi) in spans.items():
+            minutes = conn.execute(
+                "SELECT (ts / 60000) * 60 AS m, provider, model, tag, SUM(input_uncached),"
+                " SUM(cache_read), SUM(cache_write_5m), SUM(cache_write_1h), SUM(output),"
+                " COUNT(*), SUM(web_searches), SUM(cost_nano), MIN(priced), MAX(price_ref)"
+                " FROM request WHERE ts >= ? AND ts < ? AND source = ?"
+                " GROUP BY m, provider, model, tag",
+                (lo * 1000, (hi + 60) * 1000, source),
+            ).fetchall()
             conn.execute(
-                "DELETE FROM usage WHERE start >= ? AND start <= ? AND source = ? AND width = 60",
+                "DELETE FROM usage WHERE start >= ? AND start <= ? AND width = 60"
+                f" AND {_OF_SOURCE}",
                 (lo, hi, source),
             )
-            conn.execute(
-                "INSERT INTO usage (start, source, width, provider, model, tag, input_uncached,"
-                " cache_read, cache_write_5m, cache_write_1h, output, requests, web_searches,"
-                " cost_nano, priced, price_ref)"
-                " SELECT (ts / 60000) * 60 AS m, source, 60, provider, model, tag,"
-                " SUM(input_uncached), SUM(cache_read), SUM(cache_write_5m), SUM(cache_write_1h),"
-                " SUM(output), COUNT(*), SUM(web_searches), SUM(cost_nano), MIN(priced),"
-                " MAX(price_ref) FROM request WHERE ts >= ? AND ts < ? AND source = ?"
-                " GROUP BY m, source, provider, model, tag",
-                (lo * 1000, (hi + 60) * 1000, source),
+            conn.executemany(
+                _USAGE_INSERT,
+                [
+                    (
+                        m[0],
+                        self._series_id(conn, (source, m[1], m[2], "", "", "", m[3], "", "", "")),
+                        60,
+                        *m[4:],
+                    )
+                    for m in minutes
+                ],
             )
-            _refresh_rollup(conn, USAGE_ROLLUP, source, lo, hi)
+            _refresh_usage_rollups(conn, source, lo, hi)
 
     def rebuild_rollups(self) -> None:
-        """Recompute every hourly rollup from the fine tables (after a bulk load)."""
+        """Recompute every rollup from the fine tables (after a bulk load)."""
         with self.transaction() as conn:
-            for rollup in (USAGE_ROLLUP, GPU_ROLLUP, INFERENCE_ROLLUP):
+            _rebuild_usage_rollups(conn)
+            for rollup in (GPU_ROLLUP, INFERENCE_ROLLUP):
                 conn.execute(f"DELETE FROM {rollup.hour}")
                 conn.execute(_rollup_insert(rollup, where=""))
 
@@ -551,6 +649,61 @@ class Store:
                 conn.execute("DELETE FROM source_calls WHERE minute < ?", (minute - 2 * HOUR,))
 
 
+def _usage_rollup_insert(table: str, period: int, where: str) -> str:
+    """Sum ``usage`` into hours (``usage_hour``) or ``usage_hour`` into UTC days (``usage_day``)."""
+    source = "usage" if table == "usage_hour" else "usage_hour"
+    sums = ", ".join(f"SUM({c})" for c in USAGE_SUMS)
+    return (
+        f"INSERT INTO {table} (start, series_id, priced, {_SUMS})"
+        f" SELECT (start / {period}) * {period} AS p, series_id, priced, {sums} FROM {source}"
+        f" {where} GROUP BY p, series_id, priced"
+    )
+
+
+_USAGE_ROLLUPS = (("usage_hour", HOUR), ("usage_day", DAY))
+"""Each built from the one before: hours from ``usage``, days from hours."""
+
+
+def _refresh_usage_rollups(conn: sqlite3.Connection, source: str, lo: int, hi: int) -> None:
+    """Recompute the hours, then the UTC days, of one source's usage in ``[lo, hi]`` (seconds)."""
+    for table, period in _USAGE_ROLLUPS:
+        p_lo = lo // period * period
+        p_hi = hi // period * period + period
+        conn.execute(
+            f"DELETE FROM {table} WHERE start >= ? AND start < ? AND {_OF_SOURCE}",
+            (p_lo, p_hi, source),
+        )
+        conn.execute(
+            _usage_rollup_insert(table, period, f"WHERE start >= ? AND start < ? AND {_OF_SOURCE}"),
+            (p_lo, p_hi, source),
+        )
+
+
+def _rebuild_usage_rollups(conn: sqlite3.Connection) -> None:
+    for table, period in _USAGE_ROLLUPS:
+        conn.execute(f"DELETE FROM {table}")
+        conn.execute(_usage_rollup_insert(table, period, ""))
+
+
+def _migrate_v1_usage(conn: sqlite3.Connection) -> None:
+    """Move version 1's wide ``usage`` (renamed ``usage_v1``) into ``series`` and ``usage``."""
+    conn.execute(
+        f"INSERT OR IGNORE INTO series ({_SERIES})"
+        f" SELECT DISTINCT {_SERIES} FROM usage_v1 ORDER BY {_SERIES}"
+    )
+    on = " AND ".join(f"s.{c} = v.{c}" for c in SERIES_COLUMNS)
+    copied = conn.execute(
+        f"INSERT INTO usage (start, series_id, width, {_SUMS}, priced, price_ref)"
+        f" SELECT v.start, s.id, v.width, {', '.join(f'v.{c}' for c in USAGE_SUMS)},"
+        f" v.priced, v.price_ref FROM usage_v1 AS v JOIN series AS s ON {on}"
+    ).rowcount
+    (stored,) = conn.execute("SELECT COUNT(*) FROM usage_v1").fetchone()
+    if copied != stored:  # pragma: no cover - every row has exactly one series
+        raise StoreError(f"migration copied {copied} of {stored} usage rows; nothing was changed")
+    conn.execute("DROP TABLE usage_v1")
+    _rebuild_usage_rollups(conn)
+
+
 def _rollup_insert(rollup: Rollup, where: str) -> str:
     hour_expr = f"({rollup.time_col} / {rollup.time_scale * HOUR}) * {HOUR}"
     keys = ", ".join(rollup.keys)
@@ -565,7 +718,7 @@ def _rollup_insert(rollup: Rollup, where: str) -> str:
 def _refresh_rollup(
     conn: sqlite3.Connection, rollup: Rollup, source: str, lo: int, hi: int
 ) -> None:
-    """Recompute the hours ``[lo, hi]`` (seconds) of one source's rollup."""
+    """Recompute the hours ``[lo, hi]`` (seconds) of one source's GPU or inference rollup."""
     h_lo = lo // HOUR * HOUR
     h_hi = hi // HOUR * HOUR + HOUR
     conn.execute(

@@ -1,8 +1,9 @@
 """The queries the panes, ``report`` and ``export`` need. Panes never write SQL themselves.
 
 Every window is half-open, ``[start, end)``, on bucket start times. Windows of three hours or more
-are summed from the hourly rollups for their whole hours and from the fine tables for the ragged
-edges, so a 30-day query reads thousands of rows, not millions, and gives the same answer.
+are summed from the rollups for their whole UTC days and whole hours and from the fine tables for
+the ragged edges, so a 30-day query reads about a thousand rows, not millions, and gives the same
+answer.
 """
 
 from __future__ import annotations
@@ -12,32 +13,43 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from store.db import HOUR, Store
+from store.db import DAY, HOUR, SERIES_COLUMNS, USAGE_SUMS, Store
 from store.records import (
-    USAGE_DIMENSIONS,
     SourceHealth,
     from_epoch,
     nano_to_usd,
     to_epoch,
 )
 
-_USAGE_COLUMNS = (
-    "start, source, provider, model, "
-    + ", ".join(USAGE_DIMENSIONS)
-    + ", priced, input_uncached, cache_read, cache_write_5m, cache_write_1h, output, requests,"
-    " web_searches, cost_nano"
+_USAGE_COLUMNS = ", ".join(
+    [
+        "u.start AS start",
+        *(f"s.{c} AS {c}" for c in SERIES_COLUMNS),
+        "u.priced AS priced",
+        *(f"u.{c} AS {c}" for c in USAGE_SUMS),
+    ]
 )
+"""What :func:`usage_rows` exposes: a usage row with its series' columns."""
+_USAGE_TABLES = {"fine": "usage", "hour": "usage_hour", "day": "usage_day"}
 GROUPS = ("model", "project", "api_key", "tag")
 """Dimensions the Cost per query pane can group by."""
 
 
-def _parts(lo: int, hi: int, rollup: bool = True) -> list[tuple[bool, int, int]]:
-    """Split ``[lo, hi)`` seconds into (use_rollup, lo, hi) pieces."""
+def _parts(lo: int, hi: int, rollup: bool = True, days: bool = True) -> list[tuple[str, int, int]]:
+    """Split ``[lo, hi)`` seconds into (level, lo, hi) pieces; level ``fine``, ``hour`` or ``day``.
+
+    ``rollup=False`` keeps to the fine table; ``days=False`` to the fine and hourly tables.
+    """
     h1 = -(-lo // HOUR) * HOUR
     h2 = hi // HOUR * HOUR
     if not rollup or h2 - h1 < 3 * HOUR:
-        return [(False, lo, hi)]
-    parts = [(False, lo, h1), (True, h1, h2), (False, h2, hi)]
+        return [("fine", lo, hi)]
+    d1 = -(-h1 // DAY) * DAY
+    d2 = h2 // DAY * DAY
+    middle = [("hour", h1, h2)]
+    if days and d2 - d1 >= DAY:
+        middle = [("hour", h1, d1), ("day", d1, d2), ("hour", d2, h2)]
+    parts = [("fine", lo, h1), *middle, ("fine", h2, hi)]
     return [p for p in parts if p[1] < p[2]]
 
 
@@ -51,18 +63,26 @@ def _filter_sql(text: str, columns: tuple[str, ...]) -> tuple[str, list[Any]]:
 
 
 def usage_rows(
-    start: datetime, end: datetime, text: str = "", rollup: bool = True
+    start: datetime, end: datetime, text: str = "", rollup: bool = True, days: bool = True
 ) -> tuple[str, list[Any]]:
     """A subquery of usage rows in the window (fine and rolled-up parts), and its parameters.
 
-    ``rollup=False`` reads only the fine table, for groupings finer than an hour.
+    Its columns: ``start``, ``source``, ``provider``, ``model``, every usage dimension,
+    ``priced`` and the sums. ``rollup=False`` reads only the fine table, for groupings finer than
+    an hour; ``days=False`` no daily rows, for groupings finer than a UTC day.
     """
     where, fparams = _filter_sql(text, ("provider", "model", "project", "tag", "api_key"))
+    if where:  # filter the (small) series table once, not every usage row
+        where = f" AND u.series_id IN (SELECT id FROM series WHERE 1{where})"
     pieces: list[str] = []
     params: list[Any] = []
-    for rolled, lo, hi in _parts(to_epoch(start), to_epoch(end), rollup):
-        table = "usage_hour" if rolled else "usage"
-        pieces.append(f"SELECT {_USAGE_COLUMNS} FROM {table} WHERE start >= ? AND start < ?{where}")
+    for level, lo, hi in _parts(to_epoch(start), to_epoch(end), rollup, days):
+        # LEFT JOIN: usage stays the outer loop (its key starts with ``start``).
+        pieces.append(
+            f"SELECT {_USAGE_COLUMNS} FROM {_USAGE_TABLES[level]} AS u"
+            " LEFT JOIN series AS s ON s.id = u.series_id"
+            f" WHERE u.start >= ? AND u.start < ?{where}"
+        )
         params += [lo, hi, *fparams]
     return " UNION ALL ".join(pieces), params
 
@@ -73,8 +93,8 @@ def _timed_rows(
     """Like :func:`usage_rows` for the millisecond tables (``gpu``, ``inference``)."""
     pieces: list[str] = []
     params: list[Any] = []
-    for rolled, lo, hi in _parts(to_epoch(start), to_epoch(end), rollup):
-        if rolled:
+    for level, lo, hi in _parts(to_epoch(start), to_epoch(end), rollup, days=False):
+        if level == "hour":
             pieces.append(
                 f"SELECT start * 1000 AS ts, {columns} FROM {table}_hour"
                 " WHERE start >= ? AND start < ?"
@@ -218,8 +238,10 @@ def spend_series(
     """Cost per step over the window, zero-filled, oldest first."""
     lo = to_epoch(start) // step * step
     hi = to_epoch(end)
-    # Hourly rollups can serve only steps made of whole hours.
-    sub, params = usage_rows(from_epoch(lo), end, text, rollup=step % HOUR == 0)
+    # Rollups can serve only steps made of their whole periods.
+    sub, params = usage_rows(
+        from_epoch(lo), end, text, rollup=step % HOUR == 0, days=step % DAY == 0
+    )
     rows = store.query(
         f"SELECT (start / {step}) * {step} AS t, SUM(cost_nano) FROM ({sub}) GROUP BY t", params
     )

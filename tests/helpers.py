@@ -75,41 +75,77 @@ def fine_totals(store: Store, start: datetime, end: datetime) -> Totals:
     return Totals(nano_to_usd(values[0]), *values[1:])
 
 
+USAGE_FLAT = (
+    "(SELECT u.start AS start, u.width AS width, s.source AS source, s.provider AS provider,"
+    " s.model AS model, s.project AS project, s.api_key AS api_key, s.workspace AS workspace,"
+    " s.tag AS tag, s.service_tier AS service_tier, s.batch AS batch,"
+    " s.context_window AS context_window, u.input_uncached AS input_uncached,"
+    " u.cache_read AS cache_read, u.cache_write_5m AS cache_write_5m,"
+    " u.cache_write_1h AS cache_write_1h, u.output AS output, u.requests AS requests,"
+    " u.web_searches AS web_searches, u.cost_nano AS cost_nano, u.priced AS priced,"
+    " u.price_ref AS price_ref FROM usage AS u JOIN series AS s ON s.id = u.series_id)"
+)
+"""The fine ``usage`` rows with their series' columns, as one table (the version 1 layout)."""
+
 USAGE_HOUR_COLUMNS = (
     "start, source, provider, model, project, api_key, workspace, tag, service_tier, batch,"
     " context_window, priced, input_uncached, cache_read, cache_write_5m, cache_write_1h,"
     " output, requests, web_searches, cost_nano"
 )
+_SUMS = (
+    "input_uncached",
+    "cache_read",
+    "cache_write_5m",
+    "cache_write_1h",
+    "output",
+    "requests",
+    "web_searches",
+    "cost_nano",
+)
 
 
-def usage_hour_rows(store: Store) -> list[tuple[Any, ...]]:
-    """The ``usage_hour`` table as sorted tuples."""
-    return sorted(tuple(r) for r in store.query(f"SELECT {USAGE_HOUR_COLUMNS} FROM usage_hour"))
+def _rollup_rows(store: Store, table: str) -> list[tuple[Any, ...]]:
+    flat = (
+        "(SELECT r.start AS start, s.source AS source, s.provider AS provider, s.model AS model,"
+        " s.project AS project, s.api_key AS api_key, s.workspace AS workspace, s.tag AS tag,"
+        " s.service_tier AS service_tier, s.batch AS batch, s.context_window AS context_window,"
+        f" r.priced AS priced, {', '.join(f'r.{c} AS {c}' for c in _SUMS)}"
+        f" FROM {table} AS r JOIN series AS s ON s.id = r.series_id)"
+    )
+    return sorted(tuple(r) for r in store.query(f"SELECT {USAGE_HOUR_COLUMNS} FROM {flat}"))
 
 
-def usage_hour_expected(store: Store) -> list[tuple[Any, ...]]:
-    """What ``usage_hour`` must hold, recomputed from the fine table."""
+def _rollup_expected(store: Store, period: int) -> list[tuple[Any, ...]]:
     keys = (
         "source, provider, model, project, api_key, workspace, tag, service_tier, batch,"
         " context_window, priced"
     )
-    sums = ", ".join(
-        f"SUM({c})"
-        for c in (
-            "input_uncached",
-            "cache_read",
-            "cache_write_5m",
-            "cache_write_1h",
-            "output",
-            "requests",
-            "web_searches",
-            "cost_nano",
-        )
-    )
+    sums = ", ".join(f"SUM({c})" for c in _SUMS)
     rows = store.query(
-        f"SELECT (start / 3600) * 3600 AS h, {keys}, {sums} FROM usage GROUP BY h, {keys}"
+        f"SELECT (start / {period}) * {period} AS p, {keys}, {sums} FROM {USAGE_FLAT}"
+        f" GROUP BY p, {keys}"
     )
     return sorted(tuple(r) for r in rows)
+
+
+def usage_hour_rows(store: Store) -> list[tuple[Any, ...]]:
+    """The ``usage_hour`` table as sorted tuples (series columns in place of ``series_id``)."""
+    return _rollup_rows(store, "usage_hour")
+
+
+def usage_hour_expected(store: Store) -> list[tuple[Any, ...]]:
+    """What ``usage_hour`` must hold, recomputed from the fine table."""
+    return _rollup_expected(store, 3600)
+
+
+def usage_day_rows(store: Store) -> list[tuple[Any, ...]]:
+    """The ``usage_day`` table as sorted tuples (series columns in place of ``series_id``)."""
+    return _rollup_rows(store, "usage_day")
+
+
+def usage_day_expected(store: Store) -> list[tuple[Any, ...]]:
+    """What ``usage_day`` must hold (UTC days), recomputed from the fine table."""
+    return _rollup_expected(store, 86400)
 
 
 class Clock:

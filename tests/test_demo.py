@@ -25,7 +25,7 @@ from pricing.gpu import GpuCostModel
 from store import queries
 from store.db import Store
 from store.records import to_epoch
-from tests.helpers import T0, Clock
+from tests.helpers import T0, USAGE_FLAT, Clock
 
 # Mid-afternoon, a few seconds into a minute: traffic is high and the open minute is partial.
 START = T0.replace(hour=15) + timedelta(seconds=5)
@@ -81,7 +81,8 @@ def usage_rows(store: Store, since: datetime) -> list[tuple[Any, ...]]:
     return [
         tuple(r)
         for r in store.query(
-            "SELECT * FROM usage WHERE start >= ? ORDER BY start, provider, model, project, tag",
+            f"SELECT * FROM {USAGE_FLAT} WHERE start >= ?"
+            " ORDER BY start, provider, model, project, tag",
             (to_epoch(since),),
         )
     ]

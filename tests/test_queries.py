@@ -42,39 +42,76 @@ def usd(value: str) -> Decimal:
 H = HOUR
 
 
+F, R, D = "fine", "hour", "day"
+DAY = 24 * H
+
+
 @pytest.mark.parametrize(
     ("lo", "hi", "expected"),
     [
-        (0, 0, [(False, 0, 0)]),
-        (10, 20, [(False, 10, 20)]),
+        (0, 0, [(F, 0, 0)]),
+        (10, 20, [(F, 10, 20)]),
         # Under three whole hours: the fine table only.
-        (0, 3 * H - 1, [(False, 0, 3 * H - 1)]),
-        (1, 4 * H - 1, [(False, 1, 4 * H - 1)]),  # whole hours 1..3: two only
+        (0, 3 * H - 1, [(F, 0, 3 * H - 1)]),
+        (1, 4 * H - 1, [(F, 1, 4 * H - 1)]),  # whole hours 1..3: two only
         # Exactly three whole aligned hours: the rollup only.
-        (0, 3 * H, [(True, 0, 3 * H)]),
+        (0, 3 * H, [(R, 0, 3 * H)]),
         # Ragged both ends.
-        (H - 1, 4 * H + 1, [(False, H - 1, H), (True, H, 4 * H), (False, 4 * H, 4 * H + 1)]),
+        (H - 1, 4 * H + 1, [(F, H - 1, H), (R, H, 4 * H), (F, 4 * H, 4 * H + 1)]),
         # Aligned start, ragged end; ragged start, aligned end.
-        (0, 5 * H + 30, [(True, 0, 5 * H), (False, 5 * H, 5 * H + 30)]),
-        (30, 4 * H, [(False, 30, H), (True, H, 4 * H)]),
+        (0, 5 * H + 30, [(R, 0, 5 * H), (F, 5 * H, 5 * H + 30)]),
+        (30, 4 * H, [(F, 30, H), (R, H, 4 * H)]),
+        # A whole UTC day: the daily rollup; hours and minutes around it.
+        (0, DAY, [(D, 0, DAY)]),
+        (
+            DAY - 90,
+            3 * DAY + 2 * H + 5,
+            [
+                (F, DAY - 90, DAY),
+                (D, DAY, 3 * DAY),
+                (R, 3 * DAY, 3 * DAY + 2 * H),
+                (F, 3 * DAY + 2 * H, 3 * DAY + 2 * H + 5),
+            ],
+        ),
+        (
+            DAY - 5 * H - 1,
+            2 * DAY + 4 * H,
+            [
+                (F, DAY - 5 * H - 1, DAY - 5 * H),
+                (R, DAY - 5 * H, DAY),
+                (D, DAY, 2 * DAY),
+                (R, 2 * DAY, 2 * DAY + 4 * H),
+            ],
+        ),
+        # A day's worth of hours that is not one UTC day: hours only.
+        (H, DAY + H, [(R, H, DAY + H)]),
     ],
 )
-def test_parts_splits_windows_at_whole_hours(
-    lo: int, hi: int, expected: list[tuple[bool, int, int]]
+def test_parts_splits_windows_at_whole_days_and_hours(
+    lo: int, hi: int, expected: list[tuple[str, int, int]]
 ) -> None:
     assert _parts(lo, hi) == expected
 
 
+def test_parts_without_days_or_rollups() -> None:
+    assert _parts(30, 2 * DAY, days=False) == [(F, 30, H), (R, H, 2 * DAY)]
+    assert _parts(30, 2 * DAY, rollup=False) == [(F, 30, 2 * DAY)]
+
+
 def test_parts_pieces_tile_the_window() -> None:
-    for lo in range(0, 2 * H, 997):
-        for hi in range(lo, lo + 7 * H, 1499):
+    for lo in [*range(0, 2 * H, 997), *range(DAY - 2 * H, DAY + H, 1103)]:
+        for hi in [*range(lo, lo + 7 * H, 1499), *range(lo + DAY - H, lo + 3 * DAY, 4099)]:
             pieces = _parts(lo, hi)
             assert pieces[0][1] == lo and pieces[-1][2] == hi
             for (_, _, a_hi), (_, b_lo, _) in itertools.pairwise(pieces):
                 assert a_hi == b_lo
-            for rolled, p_lo, p_hi in pieces:
-                if rolled:
-                    assert p_lo % H == 0 and p_hi % H == 0 and p_hi - p_lo >= 3 * H
+            for level, p_lo, p_hi in pieces:
+                if level == R:
+                    assert p_lo % H == 0 and p_hi % H == 0
+                if level == D:
+                    assert p_lo % DAY == 0 and p_hi % DAY == 0 and p_hi > p_lo
+            if any(level != F for level, _, _ in pieces):
+                assert hi // H * H - -(-lo // H) * H >= 3 * H
 
 
 # spend_summary

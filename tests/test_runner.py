@@ -25,7 +25,7 @@ from store.records import (
     from_epoch,
     to_epoch,
 )
-from tests.helpers import T0, Clock, FakeCollector, at, auth_error, bucket
+from tests.helpers import T0, USAGE_FLAT, Clock, FakeCollector, at, auth_error, bucket
 
 GPT4O = "gpt-4o-2024-05-13"
 REF = f"genai-prices {genai_prices.__version__} openai/{GPT4O}"
@@ -97,7 +97,8 @@ async def test_usage_is_priced_through_the_book(store: Store, clock: Clock) -> N
     )
     assert await runner(store, c, clock=clock).poll(c) is True
     rows = store.query(
-        "SELECT source, model, cost_nano, priced, price_ref FROM usage ORDER BY start, model"
+        f"SELECT source, model, cost_nano, priced, price_ref FROM {USAGE_FLAT}"
+        " ORDER BY start, model"
     )
     assert [tuple(r) for r in rows] == [
         ("fake", "custom", 1_500_000_000, 1, "test openai/custom"),

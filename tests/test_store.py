@@ -8,12 +8,13 @@ import sqlite3
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, cast
 
 import pytest
 
 from store import queries
-from store.db import Store
+from store.db import Store, StoreError
 from store.records import (
     Batch,
     BilledCost,
@@ -30,10 +31,13 @@ from store.records import (
 )
 from tests.helpers import (
     T0,
+    USAGE_FLAT,
     at,
     bucket,
     fine_totals,
     nano,
+    usage_day_expected,
+    usage_day_rows,
     usage_hour_expected,
     usage_hour_rows,
 )
@@ -60,9 +64,10 @@ def test_money_and_time_conversions_are_exact() -> None:
 
 def test_wal_mode_and_schema(store: Store) -> None:
     assert store.query("PRAGMA journal_mode")[0][0] == "wal"
-    assert store.get_meta("schema_version") == "1"
+    assert store.get_meta("schema_version") == "2"
     tables = {r[0] for r in store.query("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    assert {"usage", "usage_hour", "billed", "gpu", "gpu_hour", "inference"} <= tables
+    assert {"series", "usage", "usage_hour", "usage_day", "billed", "gpu", "gpu_hour"} <= tables
+    assert "inference" in tables
     assert {"inference_hour", "request", "source", "source_calls", "meta"} <= tables
 
 
@@ -87,6 +92,7 @@ def test_same_batch_written_many_times_leaves_totals_unchanged(store: Store) -> 
     assert once.unpriced_tokens == 7
     assert store.query("SELECT COUNT(*) FROM usage")[0][0] == 3
     assert usage_hour_rows(store) == usage_hour_expected(store)
+    assert usage_day_rows(store) == usage_day_expected(store)
 
 
 def test_growing_open_bucket_is_replaced_not_added(store: Store) -> None:
@@ -137,10 +143,11 @@ def test_revised_window_drops_a_group_that_disappeared(store: Store) -> None:
         windows=(UsageWindow("src", 60, at(0), at(2)),),
     )
     store.write_batch(revised)
-    rows = store.query("SELECT project, requests FROM usage ORDER BY start, project")
+    rows = store.query(f"SELECT project, requests FROM {USAGE_FLAT} ORDER BY start, project")
     assert [tuple(r) for r in rows] == [("a", 3)]
     assert queries.totals(store, at(-300), at(300)).cost == 3
     assert usage_hour_rows(store) == usage_hour_expected(store)
+    assert usage_day_rows(store) == usage_day_expected(store)
 
 
 def test_window_replaces_only_its_source_width_and_span(store: Store) -> None:
@@ -154,7 +161,9 @@ def test_window_replaces_only_its_source_width_and_span(store: Store) -> None:
         ]
     )
     store.write_batch(Batch(windows=(UsageWindow("src", 60, at(0), at(10)),)))
-    rows = store.query("SELECT start, source, width FROM usage ORDER BY start, source, width")
+    rows = store.query(
+        f"SELECT start, source, width FROM {USAGE_FLAT} ORDER BY start, source, width"
+    )
     assert [tuple(r) for r in rows] == [
         (to_epoch(at(-1)), "src", 60),
         (to_epoch(at(0)), "other", 60),
@@ -162,6 +171,7 @@ def test_window_replaces_only_its_source_width_and_span(store: Store) -> None:
         (to_epoch(at(10)), "src", 60),
     ]
     assert usage_hour_rows(store) == usage_hour_expected(store)
+    assert usage_day_rows(store) == usage_day_expected(store)
 
 
 def _random_bucket(rng: random.Random, base: datetime) -> UsageBucket:
@@ -208,6 +218,7 @@ def test_rollup_matches_fine_table_after_random_rewrites(db_path: Path, seed: in
             for _ in range(rng.randrange(1, 3)):
                 store.write_batch(batch)
             assert usage_hour_rows(store) == usage_hour_expected(store)
+            assert usage_day_rows(store) == usage_day_expected(store)
             for _ in range(6):
                 lo = base + timedelta(seconds=rng.randrange(-2 * 3600, 9 * 3600))
                 hi = lo + timedelta(seconds=rng.randrange(0, 10 * 3600))
@@ -220,9 +231,10 @@ def test_rollup_matches_fine_table_after_random_rewrites(db_path: Path, seed: in
 def test_rebuild_rollups_equals_incremental_rollups(store: Store) -> None:
     rng = random.Random(99)
     store.write_usage([_random_bucket(rng, T0) for _ in range(200)])
-    incremental = usage_hour_rows(store)
+    incremental = usage_hour_rows(store), usage_day_rows(store)
     store.rebuild_rollups()
-    assert usage_hour_rows(store) == incremental == usage_hour_expected(store)
+    assert usage_hour_rows(store) == incremental[0] == usage_hour_expected(store)
+    assert usage_day_rows(store) == incremental[1] == usage_day_expected(store)
 
 
 def test_billed_days_replace_their_days_of_one_source(store: Store) -> None:
@@ -339,13 +351,16 @@ def test_metered_requests_are_upserted_by_id_and_roll_into_usage(store: Store) -
         tag="feature-x",
     )
     store.write_batch(Batch(requests=(other,)))
-    rows = store.query("SELECT start, source, width, tag, requests, output, cost_nano FROM usage")
+    rows = store.query(
+        f"SELECT start, source, width, tag, requests, output, cost_nano FROM {USAGE_FLAT}"
+    )
     assert [tuple(x) for x in rows] == [
         (to_epoch(at(0)), "meter", 60, "feature-x", 2, 12, nano("0.003"))
     ]
     t = queries.totals(store, at(0), at(1))
     assert (t.requests, t.output, t.cost) == (2, 12, nano_to_usd(nano("0.003")))
     assert usage_hour_rows(store) == usage_hour_expected(store)
+    assert usage_day_rows(store) == usage_day_expected(store)
 
 
 def test_source_health_upsert_keeps_last_success_and_counts_calls(store: Store) -> None:
@@ -432,7 +447,7 @@ def test_failing_batch_rolls_back_completely(store: Store) -> None:
         )
     )
     before_usage = [tuple(r) for r in store.query("SELECT * FROM usage ORDER BY start")]
-    before_hour = usage_hour_rows(store)
+    before_hour = usage_hour_rows(store), usage_day_rows(store)
     before_gpu = [tuple(r) for r in store.query("SELECT * FROM gpu")]
     naive = datetime(2025, 3, 15, 12, 3)  # noqa: DTZ001
     bad = Batch(
@@ -444,7 +459,7 @@ def test_failing_batch_rolls_back_completely(store: Store) -> None:
     with pytest.raises(ValueError, match="naive"):
         store.write_batch(bad)
     assert [tuple(r) for r in store.query("SELECT * FROM usage ORDER BY start")] == before_usage
-    assert usage_hour_rows(store) == before_hour
+    assert (usage_hour_rows(store), usage_day_rows(store)) == before_hour
     assert [tuple(r) for r in store.query("SELECT * FROM gpu")] == before_gpu
     assert store.query("SELECT COUNT(*) FROM billed")[0][0] == 0
     # The connection is usable afterwards.
@@ -464,3 +479,228 @@ def test_constraint_violation_rolls_back(store: Store) -> None:
         )
     assert store.query("SELECT COUNT(*) FROM usage")[0][0] == 1
     assert usage_hour_rows(store) == usage_hour_expected(store)
+    assert usage_day_rows(store) == usage_day_expected(store)
+
+
+def test_usage_day_rollup_serves_multi_day_windows(db_path: Path) -> None:
+    rng = random.Random(7)
+    base = T0.replace(hour=0) - timedelta(days=3)
+    with Store(db_path) as store:
+        for _ in range(6):
+            usage = tuple(
+                dataclasses.replace(
+                    _random_bucket(rng, base),
+                    start=base + timedelta(minutes=rng.randrange(0, 6 * 24 * 60)),
+                )
+                for _ in range(80)
+            )
+            lo = base + timedelta(minutes=rng.randrange(0, 6 * 24 * 60))
+            windows = (UsageWindow("s1", 60, lo, lo + timedelta(hours=rng.randrange(1, 40))),)
+            store.write_batch(Batch(usage=usage, windows=windows))
+            assert usage_hour_rows(store) == usage_hour_expected(store)
+            assert usage_day_rows(store) == usage_day_expected(store)
+        for _ in range(20):
+            lo = base + timedelta(seconds=rng.randrange(-DAY_S, 3 * DAY_S))
+            hi = lo + timedelta(seconds=rng.randrange(DAY_S, 5 * DAY_S))
+            assert queries.totals(store, lo, hi) == fine_totals(store, lo, hi), (lo, hi)
+        # A daily chart step reads the daily rollup and matches the fine table day by day.
+        series = queries.spend_series(store, base, base + timedelta(days=6), 86400)
+        for day, cost in series:
+            assert cost == fine_totals(store, day, day + timedelta(days=1)).cost
+
+
+DAY_S = 86400
+
+
+def test_series_are_stored_once_and_shared_between_writers(db_path: Path) -> None:
+    with Store(db_path) as one, Store(db_path) as two:
+        one.write_usage([bucket(at(0), cost="1", project="a")])
+        two.write_usage(
+            [bucket(at(1), cost="2", project="b"), bucket(at(2), cost="4", project="a")]
+        )
+        one.write_usage([bucket(at(3), cost="8", project="b")])
+        series = one.query("SELECT id, project FROM series ORDER BY id")
+        assert [tuple(r) for r in series] == [(1, "a"), (2, "b")]
+        assert queries.totals(two, at(0), at(4)).cost == 15
+        by_project = {r.key: r.totals.cost for r in queries.cost_by(one, at(0), at(4), "project")}
+        assert by_project == {"a": 5, "b": 10}
+
+
+def test_series_of_a_rolled_back_batch_is_not_remembered(store: Store) -> None:
+    naive = datetime(2025, 3, 15, 12, 3)  # noqa: DTZ001
+    with pytest.raises(ValueError, match="naive"):
+        store.write_batch(
+            Batch(usage=(bucket(at(0), cost="1", project="new"),), gpu=(_gpu(naive),))
+        )
+    assert store.query("SELECT COUNT(*) FROM series")[0][0] == 0
+    store.write_usage([bucket(at(0), cost="1", project="new")])
+    rows = store.query(f"SELECT project, cost_nano FROM {USAGE_FLAT}")
+    assert [tuple(r) for r in rows] == [("new", nano("1"))]
+
+
+# Version 1 of the schema: one wide usage table keyed on every dimension.
+_V1_DIMS = "project, api_key, workspace, tag, service_tier, batch, context_window"
+_V1_SUMS = (
+    "input_uncached, cache_read, cache_write_5m, cache_write_1h, output, requests,"
+    " web_searches, cost_nano"
+)
+_V1_SCHEMA = f"""
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+INSERT INTO meta(key, value) VALUES ('schema_version', '1');
+CREATE TABLE usage (
+    start INTEGER NOT NULL, source TEXT NOT NULL, width INTEGER NOT NULL,
+    provider TEXT NOT NULL, model TEXT NOT NULL,
+    project TEXT NOT NULL DEFAULT '', api_key TEXT NOT NULL DEFAULT '',
+    workspace TEXT NOT NULL DEFAULT '', tag TEXT NOT NULL DEFAULT '',
+    service_tier TEXT NOT NULL DEFAULT '', batch TEXT NOT NULL DEFAULT '',
+    context_window TEXT NOT NULL DEFAULT '',
+    input_uncached INTEGER NOT NULL DEFAULT 0, cache_read INTEGER NOT NULL DEFAULT 0,
+    cache_write_5m INTEGER NOT NULL DEFAULT 0, cache_write_1h INTEGER NOT NULL DEFAULT 0,
+    output INTEGER NOT NULL DEFAULT 0, requests INTEGER NOT NULL DEFAULT 0,
+    web_searches INTEGER NOT NULL DEFAULT 0, cost_nano INTEGER NOT NULL DEFAULT 0,
+    priced INTEGER NOT NULL, price_ref TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (start, source, width, provider, model, {_V1_DIMS})
+) WITHOUT ROWID;
+CREATE TABLE usage_hour (
+    start INTEGER NOT NULL, source TEXT NOT NULL, provider TEXT NOT NULL, model TEXT NOT NULL,
+    project TEXT NOT NULL DEFAULT '', api_key TEXT NOT NULL DEFAULT '',
+    workspace TEXT NOT NULL DEFAULT '', tag TEXT NOT NULL DEFAULT '',
+    service_tier TEXT NOT NULL DEFAULT '', batch TEXT NOT NULL DEFAULT '',
+    context_window TEXT NOT NULL DEFAULT '', priced INTEGER NOT NULL,
+    input_uncached INTEGER NOT NULL DEFAULT 0, cache_read INTEGER NOT NULL DEFAULT 0,
+    cache_write_5m INTEGER NOT NULL DEFAULT 0, cache_write_1h INTEGER NOT NULL DEFAULT 0,
+    output INTEGER NOT NULL DEFAULT 0, requests INTEGER NOT NULL DEFAULT 0,
+    web_searches INTEGER NOT NULL DEFAULT 0, cost_nano INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (start, source, provider, model, {_V1_DIMS}, priced)
+) WITHOUT ROWID;
+CREATE TABLE billed (
+    day INTEGER NOT NULL, source TEXT NOT NULL, provider TEXT NOT NULL,
+    project TEXT NOT NULL DEFAULT '', line_item TEXT NOT NULL DEFAULT '',
+    workspace TEXT NOT NULL DEFAULT '', amount_nano INTEGER NOT NULL,
+    currency TEXT NOT NULL DEFAULT 'usd',
+    PRIMARY KEY (day, source, project, line_item, workspace)
+) WITHOUT ROWID;
+"""
+_V1_COLUMNS = f"start, source, width, provider, model, {_V1_DIMS}, {_V1_SUMS}, priced, price_ref"
+
+
+def _v1_file(path: Path) -> list[tuple[Any, ...]]:
+    """A version 1 database with a few days of varied usage; returns its usage rows."""
+    rng = random.Random(5)
+    base = T0 - timedelta(days=2)
+    buckets = {}
+    for _ in range(600):
+        b = _random_bucket(rng, base + timedelta(days=rng.randrange(0, 4)))
+        b = dataclasses.replace(
+            b,
+            width_s=rng.choice((60, 60, 60, 3600)),
+            api_key=rng.choice(("", "key-1")),
+            service_tier=rng.choice(("", "flex")),
+            context_window=rng.choice(("", "long")),
+        )
+        buckets[(b.start, b.source, b.width_s, b.provider, b.model, b.project, b.tag)] = b
+    rows = [
+        (
+            to_epoch(b.start),
+            b.source,
+            b.width_s,
+            b.provider,
+            b.model,
+            b.project,
+            b.api_key,
+            b.workspace,
+            b.tag,
+            b.service_tier,
+            b.batch,
+            b.context_window,
+            b.input_uncached,
+            b.cache_read,
+            b.cache_write_5m,
+            b.cache_write_1h,
+            b.output,
+            b.requests,
+            b.web_searches,
+            b.cost_nano,
+            int(b.priced),
+            b.price_ref,
+        )
+        for b in buckets.values()
+    ]
+    conn = sqlite3.connect(path)
+    conn.executescript(_V1_SCHEMA)
+    conn.executemany(f"INSERT INTO usage ({_V1_COLUMNS}) VALUES ({', '.join('?' * 22)})", rows)
+    keys = f"source, provider, model, {_V1_DIMS}, priced"
+    sums = ", ".join(f"SUM({c})" for c in _V1_SUMS.split(", "))
+    conn.execute(
+        f"INSERT INTO usage_hour (start, {keys}, {_V1_SUMS}) SELECT (start / 3600) * 3600 AS h,"
+        f" {keys}, {sums} FROM usage GROUP BY h, {keys}"
+    )
+    conn.execute(
+        "INSERT INTO billed (day, source, provider, amount_nano) VALUES (?, 'oa', 'openai', 7)",
+        (to_epoch(base),),
+    )
+    conn.commit()
+    conn.close()
+    return sorted(rows)
+
+
+def test_version_1_file_is_migrated_by_a_writer_without_losing_anything(db_path: Path) -> None:
+    rows = _v1_file(db_path)
+    base = T0 - timedelta(days=2)
+    windows = [(base - timedelta(hours=2), base + timedelta(days=5))] + [
+        (base + timedelta(minutes=m), base + timedelta(minutes=m + length))
+        for m, length in ((0, 90), (77, 600), (1000, 2 * 1440), (2000, 3 * 1440 + 7))
+    ]
+    # Totals as version 1 sums them (its fine table), before any migration.
+    v1 = sqlite3.connect(db_path)
+    shim = cast(
+        Store, SimpleNamespace(query=lambda sql, params=(): v1.execute(sql, params).fetchall())
+    )
+    expected_totals = [fine_totals(shim, lo, hi) for lo, hi in windows]
+    v1.close()
+    with Store(db_path) as store:
+        assert store.get_meta("schema_version") == "2"
+        migrated = store.query(f"SELECT {_V1_COLUMNS} FROM {USAGE_FLAT}")
+        assert sorted(tuple(r) for r in migrated) == rows
+        assert store.query("SELECT COUNT(*) FROM usage")[0][0] == len(rows)
+        assert usage_hour_rows(store) == usage_hour_expected(store)
+        assert usage_day_rows(store) == usage_day_expected(store)
+        assert [queries.totals(store, lo, hi) for lo, hi in windows] == expected_totals
+        total = queries.totals(store, *windows[0])
+        assert total.requests == sum(r[17] for r in rows)
+        assert total.cost == nano_to_usd(sum(r[19] for r in rows if r[20]))
+        assert store.query("SELECT SUM(amount_nano) FROM billed")[0][0] == 7
+        tables = {r[0] for r in store.query("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        assert "usage_v1" not in tables
+    # Opening again changes nothing; the migrated series take new writes.
+    with Store(db_path) as store:
+        again = store.query(f"SELECT {_V1_COLUMNS} FROM {USAGE_FLAT}")
+        assert sorted(tuple(r) for r in again) == rows
+        before = store.query("SELECT COUNT(*) FROM series")[0][0]
+        first = dict(zip(_V1_COLUMNS.split(", "), rows[0], strict=True))
+        first["start"], first["width_s"] = from_epoch(first["start"]), first.pop("width")
+        first["priced"] = bool(first["priced"])
+        store.write_usage([dataclasses.replace(UsageBucket(**first), requests=10**6)])
+        assert store.query("SELECT COUNT(*) FROM series")[0][0] == before
+        assert store.query("SELECT COUNT(*) FROM usage")[0][0] == len(rows)
+        replaced = queries.totals(store, *windows[0]).requests
+        assert replaced == sum(r[17] for r in rows) - rows[0][17] + 10**6
+
+
+def test_version_1_file_opened_read_only_says_how_to_upgrade(db_path: Path) -> None:
+    _v1_file(db_path)
+    with pytest.raises(StoreError, match="collect --once") as raised:
+        Store(db_path, readonly=True)
+    assert str(db_path) in str(raised.value) and "\n" not in str(raised.value)
+    with Store(db_path) as writer:  # a writer upgrades it ...
+        count = writer.query("SELECT COUNT(*) FROM usage")[0][0]
+    with Store(db_path, readonly=True) as reader:  # ... and viewers read it
+        assert reader.query("SELECT COUNT(*) FROM usage")[0][0] == count > 0
+
+
+def test_a_newer_schema_is_refused(db_path: Path) -> None:
+    with Store(db_path) as store:
+        store.set_meta("schema_version", "99")
+    for readonly in (False, True):
+        with pytest.raises(StoreError, match="newer"):
+            Store(db_path, readonly=readonly)
