@@ -16,6 +16,7 @@ import logging
 import random
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
+from typing import TypeVar
 
 from collectors.base import Clock, Collector, PollContext, SourceError, utcnow
 from pricing.book import PriceBook, TokenCounts
@@ -28,54 +29,41 @@ ProgressHook = Callable[[str, float], None]
 """Called with a source name and the fraction of its backfill done."""
 
 
-def price_usage(book: PriceBook, bucket: UsageBucket) -> UsageBucket:
-    """The bucket with its cost filled in at the prices in force at its start."""
-    if bucket.priced or bucket.price_ref:
-        return bucket
+_Priceable = TypeVar("_Priceable", UsageBucket, MeteredRequest)
+
+
+def _price(book: PriceBook, record: _Priceable, at: datetime) -> _Priceable:
+    if record.priced or record.price_ref:
+        return record
     quote = book.quote(
-        bucket.provider,
-        bucket.model,
+        record.provider,
+        record.model,
         TokenCounts(
-            bucket.input_uncached,
-            bucket.cache_read,
-            bucket.cache_write_5m,
-            bucket.cache_write_1h,
-            bucket.output,
-            bucket.web_searches,
+            record.input_uncached,
+            record.cache_read,
+            record.cache_write_5m,
+            record.cache_write_1h,
+            record.output,
+            record.web_searches,
         ),
-        bucket.start,
+        at,
     )
     return dataclasses.replace(
-        bucket,
+        record,
         cost_nano=usd_to_nano(quote.cost) if quote.cost is not None else 0,
         priced=quote.priced,
         price_ref=quote.price_ref,
     )
+
+
+def price_usage(book: PriceBook, bucket: UsageBucket) -> UsageBucket:
+    """The bucket with its cost filled in at the prices in force at its start."""
+    return _price(book, bucket, bucket.start)
 
 
 def price_request(book: PriceBook, request: MeteredRequest) -> MeteredRequest:
-    """A metered request with its cost filled in."""
-    if request.priced or request.price_ref:
-        return request
-    quote = book.quote(
-        request.provider,
-        request.model,
-        TokenCounts(
-            request.input_uncached,
-            request.cache_read,
-            request.cache_write_5m,
-            request.cache_write_1h,
-            request.output,
-            request.web_searches,
-        ),
-        request.ts,
-    )
-    return dataclasses.replace(
-        request,
-        cost_nano=usd_to_nano(quote.cost) if quote.cost is not None else 0,
-        priced=quote.priced,
-        price_ref=quote.price_ref,
-    )
+    """A metered request with its cost filled in at the prices in force when it was made."""
+    return _price(book, request, request.ts)
 
 
 def price_batch(book: PriceBook, batch: Batch) -> Batch:
