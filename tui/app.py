@@ -343,6 +343,7 @@ class TokentopApp(App[None]):
             panes=self.visible_panes(),
             budget_daily=self.config.budget_daily_usd,
             budget_monthly=self.config.budget_monthly_usd,
+            expected=tuple((c.name, c.kind) for c in getattr(self.runner, "collectors", ())),
         )
         self._refresh(request)
 

@@ -70,6 +70,8 @@ class RefreshRequest:
     budget_daily: Decimal | None = None
     budget_monthly: Decimal | None = None
     chart_points: int = 120
+    expected: tuple[tuple[str, str], ...] = ()
+    """(name, kind) of the sources this process runs, so a pane can say it is still loading."""
 
     @property
     def start(self) -> datetime:
@@ -117,6 +119,9 @@ class Snapshot:
     """Requests seen by the per-request meter in the window (proxy, httpx hook, pytest)."""
     metered_by_tag: tuple[RequestStats, ...] = ()
     """The dearest tags (or tests) among them."""
+    usage_loading: str = ""
+    """Non-empty while a spend source is still loading or backfilling (what to say instead of
+    the data's age): the usage panes show it so a partial history is not taken as the whole."""
     newest_usage: datetime | None = None
     elapsed_s: float = 0.0
     """Wall time the queries took."""
@@ -140,6 +145,23 @@ def summarise_billed(days: list[ProviderDay]) -> tuple[ProviderGap, ...]:
         est, billed, n = acc.get(d.provider, (Decimal(0), Decimal(0), 0))
         acc[d.provider] = (est + d.estimated, billed + d.billed, n + 1)
     return tuple(ProviderGap(p, e, b, n) for p, (e, b, n) in sorted(acc.items()))
+
+
+USAGE_KINDS = frozenset({"openai", "anthropic", "demo", "meter"})
+"""Kinds of source that produce spend (usage buckets)."""
+
+
+def usage_loading(sources: tuple[SourceHealth, ...], expected: tuple[tuple[str, str], ...]) -> str:
+    """What the usage panes should say while spend sources are still filling in, or ``""``."""
+    for s in sources:
+        if s.kind in USAGE_KINDS and s.state == "backfilling":
+            return s.detail or "backfilling"
+    health = {s.name: s for s in sources}
+    for name, kind in expected:
+        h = health.get(name)
+        if kind in USAGE_KINDS and (h is None or (h.last_success is None and not h.last_error)):
+            return "loading…"
+    return ""
 
 
 def build_snapshot(store: Store, request: RefreshRequest) -> Snapshot:
@@ -173,6 +195,7 @@ def build_snapshot(store: Store, request: RefreshRequest) -> Snapshot:
         values["gpu_series"] = tuple(v for _, v in queries.gpu_series(store, start, end, gstep))
     # Sources feed the GPU pane's explanation and every badge; the query reads a few rows.
     values["sources"] = tuple(queries.sources(store, request.now))
+    values["usage_loading"] = usage_loading(values["sources"], request.expected)  # type: ignore[arg-type]
     spend = values.get("spend")
     values["newest_usage"] = (
         spend.newest_data if isinstance(spend, SpendSummary) else queries.newest_usage(store)

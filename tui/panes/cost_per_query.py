@@ -107,6 +107,7 @@ class CostPerQueryPane(Pane):
 
     def apply(self, snapshot: Snapshot) -> None:
         req = snapshot.request
+        self.badge.loading_text = snapshot.usage_loading
         self.badge.show(snapshot.newest_usage, snapshot.now)
         if req.group != self.group or self._name_w != self._name_width():
             self._set_columns(req.group)

@@ -29,6 +29,7 @@ class ModelMixPane(Pane):
             yield Static("", id="mix-lines")
 
     def apply(self, snapshot: Snapshot) -> None:
+        self.badge.loading_text = snapshot.usage_loading
         self.badge.show(snapshot.newest_usage, snapshot.now)
         rows = snapshot.mix
         muted = "$text-muted"

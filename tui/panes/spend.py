@@ -55,6 +55,7 @@ class SpendPane(Pane):
         s = snapshot.spend
         if s is None:
             return
+        self.badge.loading_text = snapshot.usage_loading
         self.badge.show(snapshot.newest_usage, snapshot.now)
         self.set_class(s.spike, "-spike")
         req = snapshot.request

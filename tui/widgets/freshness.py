@@ -29,6 +29,7 @@ class FreshnessBadge(Static):
     FreshnessBadge.-stale { color: $warning; text-style: bold; }
     FreshnessBadge.-dead { color: $error; text-style: bold; }
     FreshnessBadge.-empty { color: $text-muted; }
+    FreshnessBadge.-loading { color: $accent; text-style: bold; }
     """
 
     newest: reactive[datetime | None] = reactive(None, init=False)
@@ -49,6 +50,8 @@ class FreshnessBadge(Static):
         super().__init__("", id=id, classes=classes, markup=False)
         self.set_reactive(FreshnessBadge.stale_after, stale_after)
         self.empty_text = empty_text
+        self.loading_text = ""
+        """Said instead of the age while the sources are still loading (``backfill 40%``)."""
 
     def on_mount(self) -> None:
         self._render_state()
@@ -87,7 +90,10 @@ class FreshnessBadge(Static):
     def _render_state(self) -> None:
         state = self.state
         seconds = self.age_s
-        if state == "empty":
+        self.set_class(bool(self.loading_text), "-loading")
+        if self.loading_text:
+            text = self.loading_text
+        elif state == "empty":
             text = self.empty_text
         elif state == "live":
             text = "live · now" if (seconds or 0) < 1 else f"live · {age(seconds)} ago"
