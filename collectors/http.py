@@ -39,6 +39,7 @@ import math
 import os
 import random
 import re
+from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -248,7 +249,7 @@ def merge_billed(costs: list[BilledCost]) -> tuple[BilledCost, ...]:
     return tuple(merged.values())
 
 
-class AdminApiCollector:
+class AdminApiCollector(ABC):
     """Base of the provider admin-API collectors: the read plan, retries and error mapping.
 
     Subclasses set the class attributes and implement :meth:`_auth_headers`,
@@ -378,16 +379,19 @@ class AdminApiCollector:
         read_at = self._costs_read_at
         return read_at is None or now - read_at >= self._cost_interval or now < read_at
 
+    @abstractmethod
     def _auth_headers(self, key: str) -> dict[str, str]:
-        raise NotImplementedError
+        """The provider's authentication headers for ``key``."""
 
+    @abstractmethod
     async def _read_usage(
         self, start: datetime, end: datetime, send_end: bool
     ) -> list[UsageBucket]:
-        raise NotImplementedError
+        """Every one-minute bucket of ``[start, end)``, all pages read."""
 
+    @abstractmethod
     async def _read_costs(self, first_day: datetime, end_day: datetime) -> list[BilledCost]:
-        raise NotImplementedError
+        """Billed cost of the UTC days ``[first_day, end_day)``."""
 
     async def _get_pages(self, path: str, params: Params) -> list[Mapping[str, Any]]:
         """GET every page of a bucketed list and return the buckets of all pages in order."""
