@@ -16,6 +16,15 @@ def provider_enabled(provider: ProviderConfig) -> bool:
     return bool(os.environ.get(provider.key_env))
 
 
+AUTO_NVML = "gpu"
+"""Name of the NVML source when it is tried on the off chance (``nvml`` not set in the config)."""
+
+
+def optional_sources(config: Config, demo: bool = False) -> frozenset[str]:
+    """Sources that are only tried: their being unavailable (no NVIDIA driver) is not a failure."""
+    return frozenset() if demo or config.nvml is not None else frozenset({AUTO_NVML})
+
+
 def build_sources(
     config: Config,
     *,
@@ -54,7 +63,9 @@ def build_sources(
     if config.nvml is not False:
         from collectors.nvml import NvmlCollector
 
-        sources.append(NvmlCollector(rates=costs, interval_s=gpu_every, clock=clock))
+        sources.append(
+            NvmlCollector(rates=costs, interval_s=gpu_every, clock=clock, name=AUTO_NVML)
+        )
     for i, endpoint in enumerate(config.inference):
         from collectors.prometheus import InferenceCollector
 
