@@ -229,7 +229,13 @@ class _Nvml:
         return _Read(devices=tuple(devices), lost=tuple(lost))
 
     def _query(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T | None:
-        """One NVML call: ``None`` when not available; a lost device raises :class:`_DeviceLost`."""
+        """One NVML call: ``None`` when not available; a lost device raises :class:`_DeviceLost`.
+
+        Any other NVML error of a single reading (a function this driver or binding cannot
+        answer, however it says so) makes that reading "not available" rather than losing the
+        whole device; so does a binding whose signature differs (``TypeError``), as with old
+        bindings that take no ``version`` argument.
+        """
         try:
             return fn(*args, **kwargs)
         except self._lost as exc:
@@ -237,6 +243,8 @@ class _Nvml:
         except self._not_available:
             return None
         except self._mismatch:
+            return None
+        except (self._nvml_error, TypeError):
             return None
 
     def _read_device(self, index: int) -> _Reading:
