@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
 import random
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
@@ -21,7 +22,14 @@ from typing import TypeVar
 from collectors.base import Clock, Collector, PollContext, SourceError, utcnow
 from pricing.book import PriceBook, TokenCounts
 from store.db import Store
-from store.records import Batch, MeteredRequest, SourceHealth, UsageBucket, usd_to_nano
+from store.records import (
+    Batch,
+    MeteredRequest,
+    SourceHealth,
+    UsageBucket,
+    to_epoch,
+    usd_to_nano,
+)
 
 log = logging.getLogger("tokentop.runner")
 
@@ -75,6 +83,23 @@ def price_batch(book: PriceBook, batch: Batch) -> Batch:
         usage=tuple(price_usage(book, b) for b in batch.usage),
         requests=tuple(price_request(book, r) for r in batch.requests),
     )
+
+
+COLLECTOR_KEY = "collector"
+"""``meta`` key where a running collector leaves ``"<pid> <unix time>"``."""
+HEARTBEAT_S = 10.0
+
+
+def active_collector(store: Store, now: datetime) -> int | None:
+    """The pid of another process collecting into this database right now, if any."""
+    value = store.get_meta(COLLECTOR_KEY) or ""
+    parts = value.split()
+    if len(parts) != 2 or not all(p.isdigit() for p in parts):
+        return None
+    pid, beat = int(parts[0]), int(parts[1])
+    if pid == os.getpid() or to_epoch(now) - beat > 3 * HEARTBEAT_S:
+        return None
+    return pid
 
 
 def one_line(text: str, limit: int = 300) -> str:
@@ -148,6 +173,8 @@ class Runner:
         if self._stopped:
             stop.set()
         tasks = [asyncio.create_task(self._loop(c), name=f"poll-{c.name}") for c in self.collectors]
+        if self.collectors:
+            tasks.append(asyncio.create_task(self._heartbeat(stop), name="heartbeat"))
         try:
             await stop.wait()
         finally:
@@ -159,6 +186,22 @@ class Runner:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             await self.aclose()
+
+    async def _heartbeat(self, stop: asyncio.Event) -> None:
+        """Say in the database that this process collects, so that a viewer started meanwhile
+        watches instead of polling the same APIs a second time."""
+        marker = f"{os.getpid()}"
+        try:
+            while not stop.is_set():
+                beat = f"{marker} {to_epoch(self.clock())}"
+                await asyncio.to_thread(self.store.set_meta, COLLECTOR_KEY, beat)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), timeout=HEARTBEAT_S)
+        finally:
+            with contextlib.suppress(Exception):
+                current = await asyncio.to_thread(self.store.get_meta, COLLECTOR_KEY)
+                if current is not None and current.split()[0] == marker:
+                    await asyncio.to_thread(self.store.set_meta, COLLECTOR_KEY, "")
 
     async def run_once(self, max_polls: int = 40) -> dict[str, bool]:
         """Poll every source once, concurrently; returns which succeeded. A source that is

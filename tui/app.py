@@ -169,6 +169,7 @@ class TokentopApp(App[None]):
         start_window: str = "1h",
         export_dir: Path | None = None,
         window_span: timedelta | None = None,
+        note: str = "",
     ) -> None:
         if start_window not in WINDOWS:
             raise ValueError(f"unknown window {start_window!r}; choose one of {', '.join(WINDOWS)}")
@@ -180,6 +181,8 @@ class TokentopApp(App[None]):
         self.runner = runner
         self.clock = clock
         self.label = label
+        self.note = note
+        """Said beside the label, e.g. that another process collects and this one watches."""
         self.refresh_s = refresh_s
         self.export_dir = export_dir
         self.store: Store | None = None
@@ -395,7 +398,9 @@ class TokentopApp(App[None]):
         if not self._panes_ready:
             return
         self.query_one(TopBar).show(
-            label=LABELS.get(self.label, self.label.upper()),
+            label=" · ".join(
+                part for part in (LABELS.get(self.label, self.label.upper()), self.note) if part
+            ),
             windows=list(self.windows),
             window=self.window,
             group=self.group.replace("_", " "),

@@ -221,14 +221,22 @@ def _open_store(ctx: _Context, *, must_exist: bool) -> Any:
 
 
 def _tui(ctx: _Context) -> int:
-    from collectors.runner import Runner
+    from collectors.runner import Runner, active_collector
     from collectors.sources import build_sources
     from tui.app import TokentopApp
 
     store = _open_store(ctx, must_exist=False)
-    collectors = build_sources(ctx.config, demo=ctx.args.demo)
-    runner = Runner(store, collectors, PriceBook(ctx.config.pricing))
     label = ctx.label or (store.get_meta("label") or "")
+    runner = None
+    note = ""
+    other = active_collector(store, utcnow())
+    if other is not None:
+        # Another process (``tokentop collect`` or another TUI) fills this database: watch it
+        # rather than poll the same APIs twice.
+        note = f"watching collector pid {other}"
+    else:
+        collectors = build_sources(ctx.config, demo=ctx.args.demo)
+        runner = Runner(store, collectors, PriceBook(ctx.config.pricing))
     app = TokentopApp(
         ctx.db_path,
         config=ctx.config,
@@ -236,6 +244,7 @@ def _tui(ctx: _Context) -> int:
         label=label,
         refresh_s=ctx.config.refresh_s,
         start_window=ctx.args.window,
+        note=note,
     )
     try:
         app.run()
