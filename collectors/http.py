@@ -22,8 +22,9 @@ behave the same:
   midnight; that day range is declared in ``Batch.billed_days`` for the store to replace. A cost
   read that fails fails the poll too (loudly, rather than billed data going stale unseen); it is
   due again on the next poll.
-- 429 fails the poll at once with ``retry_after``; 401/403 fail it with ``auth=True``. Pacing
-  between polls is the runner's job.
+- 429 fails the poll at once with ``retry_after``; 401/403 fail it with ``auth=True``; 404
+  with :class:`NotFound`, which a collector may catch around an endpoint not every account has.
+  Pacing between polls is the runner's job.
 
 No message or exception made here carries the key: messages are built from our own words, the
 status and the server's error text with anything key-like scrubbed, and they are raised outside
@@ -69,6 +70,14 @@ _KEYLIKE = re.compile(r"\b(sk-[A-Za-z0-9]*-?)[A-Za-z0-9_\-*.]{4,}")
 
 class MalformedResponse(Exception):
     """A response body that parsed but does not have the documented shape."""
+
+
+class NotFound(SourceError):
+    """A 404: the path does not exist at this base URL (or for this account).
+
+    It fails a poll like any other :class:`SourceError`; a collector may catch it around an
+    optional endpoint that not every account has.
+    """
 
 
 T = TypeVar("T")
@@ -494,8 +503,10 @@ class AdminApiCollector(ABC):
             return (f"server error {status}", retry_after)
         detail = self._error_text(response)
         what = "not found (404), check the base URL" if status == 404 else f"refused ({status})"
-        message = f"{what}: GET {path}" + (f": {detail}" if detail else "")
-        return SourceError(one_line(scrub(message, self._key), 300))
+        message = one_line(
+            scrub(f"{what}: GET {path}" + (f": {detail}" if detail else ""), self._key), 300
+        )
+        return NotFound(message) if status == 404 else SourceError(message)
 
     def _error_text(self, response: httpx.Response) -> str:
         """The server's error message from either provider's envelope, scrubbed, or ``""``."""

@@ -76,7 +76,7 @@ async def test_backfill_reads_every_bucket_of_the_range(
     assert batch.progress is None
     assert all(b.cost_nano == 0 and not b.priced and b.price_ref == "" for b in batch.usage)
 
-    usage = server.requests_to("usage")
+    usage = server.requests_to("usage/completions")
     assert len(usage) == 1
     (request,) = usage
     assert request.headers["authorization"] == f"Bearer {KEYS['openai']}"
@@ -92,7 +92,12 @@ async def test_backfill_reads_every_bucket_of_the_range(
         "service_tier",
     ]
     assert "group_by%5B%5D=model" in request.raw_query
-    assert collector.calls == len(server.requests) == 2  # usage + costs
+    assert collector.calls == len(server.requests) == 3  # completions, embeddings, costs
+    assert [r.path for r in server.requests] == [
+        "/v1/organization/usage/completions",
+        "/v1/organization/usage/embeddings",
+        "/v1/organization/costs",
+    ]
 
 
 async def test_first_start_reads_from_the_backfill_start(
@@ -162,7 +167,7 @@ async def test_many_pages(server: FakeProviderServer, collector: AdminApiCollect
     batch = await collector.poll(poll_context(NOW, backfill_hours=2))
     (window,) = batch.windows
     assert sum_usage(batch.usage) == server.usage_totals("openai", window.start, window.end)
-    pages = server.requests_to("usage")
+    pages = server.requests_to("usage/completions")
     assert len(pages) == -(-121 // 7)
     cursors = [p.param("page") for p in pages]
     assert cursors[0] is None
@@ -267,8 +272,9 @@ async def test_long_backfill_is_split_over_polls(
         (window,) = batch.windows
         assert window.end - window.start == timedelta(hours=26)
         assert batch.watermark == window.end
-        (request,) = [r for r in server.requests_to("usage") if "end_time" in r.query][-1:]
-        assert request.param("end_time") == str(int(window.end.timestamp()))
+        for endpoint in ("usage/completions", "usage/embeddings"):
+            request = server.requests_to(endpoint)[-1]
+            assert request.param("end_time") == str(int(window.end.timestamp()))
     assert progress[-1] == 1.0
     partial = [p for p in progress[:-1] if p is not None]
     assert len(partial) >= 1
@@ -350,4 +356,4 @@ async def test_base_url_and_key_sources(
     await via_env.aclose()
     assert via_env.name == "oa-prod"
     assert batch.windows[0].source == "oa-prod"
-    assert len(server.requests) == 2
+    assert len(server.requests) == 3

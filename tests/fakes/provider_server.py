@@ -8,10 +8,16 @@ RFC 3339 times snapped to UTC, nested ``cache_creation``, costs as strings in ce
 provider's error envelope and auth headers. What the reference marks UNCONFIRMED is a field of
 :class:`Behaviour`, so a test can try each answer.
 
+OpenAI embeddings usage (``/v1/organization/usage/embeddings``: ``input_tokens`` and
+``num_model_requests`` by model, project, user and API key) is served in the same envelopes, from
+data added with :meth:`FakeProviderServer.add_openai_embeddings` or ``seed(embeddings=True)``; by
+default there is none, and ``Behaviour.openai_embeddings_404`` makes the endpoint missing.
+
 Usage::
 
     with FakeProviderServer(now=datetime(2025, 8, 1, 12, tzinfo=UTC)) as server:
         server.seed(hours=2)                      # deterministic traffic for both providers
+        server.add_openai_embeddings(at, "text-embedding-3-small", 1200, 3)
         server.fault("500", nth=2, path="usage")  # the 2nd usage request answers 500
         ... point a collector at server.openai_base_url / server.anthropic_base_url ...
         server.grow_newest(output_tokens=100)     # the open minute grows
@@ -30,7 +36,7 @@ import random
 import socket
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -42,6 +48,7 @@ OPENAI_KEY = "sk-admin-FAKEopenaiKEY0123456789abcdef"
 ANTHROPIC_KEY = "sk-ant-admin01-FAKEanthropicKEY0123456789abcdef"
 
 OPENAI_USAGE = "/v1/organization/usage/completions"
+OPENAI_EMBEDDINGS = "/v1/organization/usage/embeddings"
 OPENAI_COSTS = "/v1/organization/costs"
 ANTHROPIC_USAGE = "/v1/organizations/usage_report/messages"
 ANTHROPIC_COSTS = "/v1/organizations/cost_report"
@@ -60,6 +67,8 @@ OPENAI_COUNTERS = (
     "output_audio_tokens",
     "num_model_requests",
 )
+OPENAI_EMBEDDING_DIMS = ("model", "project_id", "user_id", "api_key_id")
+OPENAI_EMBEDDING_COUNTERS = ("input_tokens", "num_model_requests")
 OPENAI_COST_DIMS = ("project_id", "line_item", "api_key_id")
 ANTHROPIC_DIMS = (
     "model",
@@ -119,6 +128,8 @@ class Behaviour:
     """OpenAI ``amount.value`` as a JSON string (True), a number (False) or alternating (None)."""
     openai_cost_today: bool = True
     """OpenAI returns today's partial cost bucket."""
+    openai_embeddings_404: bool = False
+    """The OpenAI embeddings usage endpoint answers 404 (an organization or proxy without it)."""
     reject_future_end: bool = False
     """Refuse an ``end_time``/``ending_at`` after now with a 400. UNCONFIRMED either way."""
     anthropic_partial_bucket: bool = True
@@ -268,12 +279,14 @@ class FakeProviderServer:
         self._stopping = threading.Event()
         self._faults: list[Fault] = []
         self._openai: dict[tuple[int, tuple[Any, ...]], dict[str, int]] = {}
+        self._openai_embeddings: dict[tuple[int, tuple[Any, ...]], dict[str, int]] = {}
         self._anthropic: dict[tuple[int, tuple[Any, ...]], dict[str, int]] = {}
         self._openai_costs: dict[tuple[int, tuple[Any, ...]], Decimal] = {}
         self._anthropic_costs: dict[tuple[int, tuple[Any, ...]], Decimal] = {}
         self._rate_window: list[float] = []
         self._amount_flip = False
         self._seeded_openai: set[tuple[Any, ...]] = set()
+        self._seeded_embeddings: set[tuple[Any, ...]] = set()
         self._seeded_anthropic: set[tuple[Any, ...]] = set()
         self._httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -420,6 +433,23 @@ class FakeProviderServer:
         dims = (model, project_id, user_id, api_key_id, batch, service_tier)
         self._put(self._openai, OPENAI_COUNTERS, at, dims, counters, replace)
 
+    def add_openai_embeddings(
+        self,
+        at: datetime,
+        model: str,
+        input_tokens: int,
+        num_model_requests: int,
+        *,
+        project_id: str | None = None,
+        user_id: str | None = None,
+        api_key_id: str | None = None,
+        replace: bool = False,
+    ) -> None:
+        """Add (or with ``replace`` set) embeddings usage of the minute holding ``at``."""
+        dims = (model, project_id, user_id, api_key_id)
+        counters = {"input_tokens": input_tokens, "num_model_requests": num_model_requests}
+        self._put(self._openai_embeddings, OPENAI_EMBEDDING_COUNTERS, at, dims, counters, replace)
+
     def add_anthropic_usage(
         self,
         at: datetime,
@@ -442,13 +472,14 @@ class FakeProviderServer:
         self._put(self._anthropic, ANTHROPIC_COUNTERS, at, dims, counters, replace)
 
     def remove_usage(self, provider: str, at: datetime, model: str | None = None) -> None:
-        """Revise a minute away: drop its rows (of one model, or all)."""
+        """Revise a minute away: drop its rows (of one model, or all; OpenAI: embeddings too)."""
         minute = _epoch(at) // 60 * 60
-        table = self._openai if provider == "openai" else self._anthropic
+        tables = (self._openai, self._openai_embeddings) if provider == "openai" else ()
         with self._lock:
-            for key in [k for k in table if k[0] == minute]:
-                if model is None or key[1][0] == model:
-                    del table[key]
+            for table in tables or (self._anthropic,):
+                for key in [k for k in table if k[0] == minute]:
+                    if model is None or key[1][0] == model:
+                        del table[key]
 
     def add_openai_cost(
         self,
@@ -496,13 +527,19 @@ class FakeProviderServer:
         openai_models: Iterable[str] = ("gpt-4o-mini-2024-07-18", "gpt-4o-2024-08-06"),
         anthropic_models: Iterable[str] = ("claude-sonnet-4-20250514", "claude-3-5-haiku-20241022"),
         density: float = 0.8,
+        embeddings: bool = False,
+        embedding_models: Iterable[str] = ("text-embedding-3-small", "text-embedding-3-large"),
     ) -> None:
         """Fill ``hours`` of deterministic 1-minute traffic for both providers, ending at the
         minute holding ``end`` (default: now, the open minute included), plus daily costs.
 
         Each model gets usage in about ``density`` of the minutes (others stay empty), spread
-        over two projects/workspaces and two API keys.
+        over two projects/workspaces and two API keys. With ``embeddings`` set, OpenAI
+        embeddings usage (and its cost) is added too, from a random stream of its own: the
+        completions and Anthropic traffic are the same with it or without it.
         """
+        if embeddings:
+            self._seed_embeddings(hours, end, seed, tuple(embedding_models), density)
         rng = random.Random(seed)
         last = _epoch(end or self.now()) // 60 * 60
         first = last - int(hours * 3600) + 60
@@ -580,6 +617,37 @@ class FakeProviderServer:
                     context_window="0-200k",
                 )
 
+    def _seed_embeddings(
+        self,
+        hours: float,
+        end: datetime | None,
+        seed: int,
+        models: tuple[str, ...],
+        density: float,
+    ) -> None:
+        rng = random.Random(f"embeddings-{seed}")
+        last = _epoch(end or self.now()) // 60 * 60
+        first = last - int(hours * 3600) + 60
+        for minute in range(first, last + 60, 60):
+            at = datetime.fromtimestamp(minute, tz=UTC)
+            for i, model in enumerate(models):
+                if rng.random() >= density:
+                    continue
+                requests = rng.randint(1, 20)
+                tokens = rng.randint(5, 3000) * requests
+                project = ("proj_alpha", "proj_beta")[(minute // 60 + i) % 2]
+                key = ("key_live01", "key_test02")[i % 2]
+                self.add_openai_embeddings(
+                    at, model, tokens, requests, project_id=project, api_key_id=key
+                )
+                self._seeded_embeddings.add((model, project, None, key))
+                self.add_openai_cost(
+                    at,
+                    Decimal(tokens) * Decimal("0.00000002"),
+                    project_id=project,
+                    line_item=f"{model}, input",
+                )
+
     def grow_newest(self, provider: str | None = None, **counters: int) -> datetime:
         """Add to the open minute (holding now) for every seeded group of ``provider`` (or both).
 
@@ -603,7 +671,8 @@ class FakeProviderServer:
     def usage_totals(
         self, provider: str, start: datetime | None = None, end: datetime | None = None
     ) -> dict[str, int]:
-        """Ground truth over minutes in ``[start, end)`` in tokentop's kinds.
+        """Ground truth over minutes in ``[start, end)`` in tokentop's kinds (OpenAI: completions
+        and embeddings together).
 
         Keys: ``input_uncached``, ``cache_read``, ``cache_write_5m``, ``cache_write_1h``,
         ``output``, ``requests``, ``web_searches``.
@@ -632,6 +701,10 @@ class FakeProviderServer:
                         out["cache_read"] += cached
                         out["cache_write_5m"] += written
                         out["output"] += c.get("output_tokens", 0)
+                        out["requests"] += c.get("num_model_requests", 0)
+                for (minute, _), c in self._openai_embeddings.items():
+                    if lo <= minute < hi:
+                        out["input_uncached"] += c.get("input_tokens", 0)
                         out["requests"] += c.get("num_model_requests", 0)
             else:
                 for (minute, _), c in self._anthropic.items():
@@ -700,10 +773,14 @@ class FakeProviderServer:
     def _route(
         self, path: str, query: dict[str, list[str]], headers: Mapping[str, str]
     ) -> dict[str, Any]:
-        if path in (OPENAI_USAGE, OPENAI_COSTS):
+        if path == OPENAI_EMBEDDINGS and self.behaviour.openai_embeddings_404:
+            raise ApiError(404, "invalid_request_error", f"Invalid URL (GET {path})")
+        if path in (OPENAI_USAGE, OPENAI_EMBEDDINGS, OPENAI_COSTS):
             self._check_openai_auth(headers)
             if path == OPENAI_USAGE:
                 return self._openai_usage(query)
+            if path == OPENAI_EMBEDDINGS:
+                return self._openai_embeddings_usage(query)
             return self._openai_cost(query)
         if path in (ANTHROPIC_USAGE, ANTHROPIC_COSTS):
             self._check_anthropic_auth(headers)
@@ -841,6 +918,20 @@ class FakeProviderServer:
         return index
 
     def _openai_usage(self, query: dict[str, list[str]]) -> dict[str, Any]:
+        return self._openai_usage_page(query, self._openai, OPENAI_DIMS, self._openai_result)
+
+    def _openai_embeddings_usage(self, query: dict[str, list[str]]) -> dict[str, Any]:
+        return self._openai_usage_page(
+            query, self._openai_embeddings, OPENAI_EMBEDDING_DIMS, self._openai_embeddings_result
+        )
+
+    def _openai_usage_page(
+        self,
+        query: dict[str, list[str]],
+        table: dict[tuple[int, tuple[Any, ...]], dict[str, int]],
+        all_dims: tuple[str, ...],
+        result_of: Callable[[tuple[Any, ...], Mapping[str, int]], dict[str, Any]],
+    ) -> dict[str, Any]:
         width_name = query.get("bucket_width", ["1d"])[0]
         if width_name not in WIDTHS:
             raise ApiError(400, "invalid_request_error", f"bucket_width: invalid {width_name}")
@@ -852,17 +943,17 @@ class FakeProviderServer:
             raise ApiError(400, "invalid_request_error", "start_time: required integer") from None
         group_by = self._arrays(query, "group_by")
         for g in group_by:
-            if g not in OPENAI_DIMS:
+            if g not in all_dims:
                 raise ApiError(400, "invalid_request_error", f"group_by: invalid value {g}")
         models = set(self._arrays(query, "models"))
         now = _epoch(self.now())
-        index = self._index(self._openai, now, models)
+        index = self._index(table, now, models)
         buckets = []
         for b, nb in self._window(query, start, width, now, openai=True):
             inside = [row for m in range(-(-b // 60) * 60, nb, 60) for row in index.get(m, ())]
             results = []
-            for dims, c in self._group(inside, OPENAI_DIMS, group_by).items():
-                results.append(self._openai_result(dims, c))
+            for dims, c in self._group(inside, all_dims, group_by).items():
+                results.append(result_of(dims, c))
             bucket: dict[str, Any] = {
                 "object": "bucket",
                 "start_time": b,
@@ -898,6 +989,22 @@ class FakeProviderServer:
             cached = c.get("input_cached_tokens", 0)
             result["input_uncached_tokens"] = c.get("input_tokens", 0) - cached - written
             result["output_text_tokens"] = c.get("output_tokens", 0)
+            result["some_future_metric"] = {"a": 1}
+        return result
+
+    def _openai_embeddings_result(
+        self, dims: tuple[Any, ...], c: Mapping[str, int]
+    ) -> dict[str, Any]:
+        result: dict[str, Any] = {
+            "object": "organization.usage.embeddings.result",
+            "input_tokens": c.get("input_tokens", 0),
+            "num_model_requests": c.get("num_model_requests", 0),
+        }
+        optional: dict[str, Any] = dict(zip(OPENAI_EMBEDDING_DIMS, dims, strict=True))
+        if self.behaviour.omit_optional:
+            optional = {k: v for k, v in optional.items() if v is not None}
+        result.update(optional)
+        if self.behaviour.extra_fields:
             result["some_future_metric"] = {"a": 1}
         return result
 
@@ -1195,9 +1302,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--hours", type=float, default=24.0)
     parser.add_argument("--port", type=int, default=8787)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--embeddings", action="store_true", help="seed OpenAI embeddings too")
     ns = parser.parse_args(argv)
     server = FakeProviderServer(port=ns.port).start()
-    server.seed(ns.hours, seed=ns.seed)
+    server.seed(ns.hours, seed=ns.seed, embeddings=ns.embeddings)
     print(f"export TOKENTOP_OPENAI_BASE_URL={server.openai_base_url}")
     print(f"export TOKENTOP_ANTHROPIC_BASE_URL={server.anthropic_base_url}")
     print(f"export OPENAI_ADMIN_KEY={server.openai_key}")
