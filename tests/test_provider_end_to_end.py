@@ -141,7 +141,13 @@ def test_five_collects_with_faults_give_the_providers_exact_numbers(
     for path in tmp_path.glob("tokentop.db*"):
         blob = path.read_bytes()
         assert not any(s in blob for s in secrets), path
-    for args in (("report", "--json"), ("sources", "--json"), ("export", "--format", "md")):
+    for args in (
+        ("report", "--json"),
+        ("sources", "--json"),
+        ("export", "--format", "md"),
+        ("export", "--format", "csv"),
+        ("export", "--format", "svg"),  # a screenshot of the TUI on this database
+    ):
         out = tokentop(*args, env=env)
         assert not any(s.decode() in out.stdout + out.stderr for s in secrets)
 
@@ -161,6 +167,10 @@ def test_wrong_key_shows_auth_failed_and_the_rest_keeps_working(
     assert rows["openai"]["state"] == "ok"
     text = tokentop("sources", env=env).stdout
     assert "auth failed" in text
+    # The Sources pane says so too, and a screenshot of it holds no key.
+    svg = tokentop("export", "--format", "svg", env=env).stdout
+    assert "auth&#160;failed" in svg or "auth failed" in svg
+    assert "sk-ant-admin-wrong" not in svg and server.openai_key not in svg
     report = json.loads(tokentop("report", "--since", "6h", "--json", env=env).stdout)
     assert {r["provider"] for r in report["by_model"]} == {"openai"}
     since = datetime.now(UTC) - timedelta(hours=6)
