@@ -56,6 +56,17 @@ def test_collect_beats_while_it_runs_and_clears_on_sigint(tmp_path: Path) -> Non
                 finally:
                     store.close()
         assert seen == proc.pid
+        # A second collector on the same file refuses, in one line, and changes nothing.
+        second = subprocess.run(
+            [sys.executable, "-m", "tui.cli", "collect", "--demo", "--db", str(db)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert second.returncode == 1
+        assert f"pid {proc.pid}" in second.stderr
+        assert len(second.stderr.strip().splitlines()) == 1
         proc.send_signal(signal.SIGINT)
         _out, err = proc.communicate(timeout=20)
     finally:

@@ -254,10 +254,19 @@ def _tui(ctx: _Context) -> int:
 
 
 def _collect(ctx: _Context) -> int:
-    from collectors.runner import Runner
+    from collectors.runner import Runner, active_collector
     from collectors.sources import build_sources, optional_sources
 
     store = _open_store(ctx, must_exist=False)
+    other = active_collector(store, utcnow())
+    if other is not None and not ctx.args.once:
+        store.close()
+        print(
+            f"tokentop: error: another collector (pid {other}) is already writing "
+            f"{ctx.db_path}; stop it first",
+            file=sys.stderr,
+        )
+        return FAILURE
     collectors = build_sources(ctx.config, demo=ctx.args.demo, interval_s=ctx.args.interval)
     optional = optional_sources(ctx.config, ctx.args.demo)
     if not collectors:
