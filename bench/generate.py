@@ -9,8 +9,9 @@ and spikes are shared by every series, as a product launch or an incident would 
 serve two inference endpoints, sampled once a minute; one endpoint is idle outside business hours,
 so idle burn shows. Priced and unpriced providers get daily bills a few percent off the estimate.
 
-The data goes in the way production writes it: each UTC day is one :class:`~store.records.Batch`,
-priced by the runner's :func:`~collectors.runner.price_batch` and written by
+The data goes in the way production writes it: each UTC day is one
+:class:`~tokentop.store.records.Batch`, priced by the runner's
+:func:`~tokentop.collectors.runner.price_batch` and written by
 :meth:`Store.write_batch`, which keeps the hourly rollups in step. Bulk loading and calling
 ``rebuild_rollups()`` would be faster, but it would not exercise (or time) the write path that a
 backfill uses. Everything is a pure function of the seed, the series index and the time, so two
@@ -32,11 +33,11 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 
-from collectors.runner import price_batch
-from pricing.book import PriceBook
-from pricing.gpu import GpuCostModel
-from store.db import Store
-from store.records import (
+from tokentop.collectors.runner import price_batch
+from tokentop.pricing.book import PriceBook
+from tokentop.pricing.gpu import GpuCostModel
+from tokentop.store.db import Store
+from tokentop.store.records import (
     Batch,
     BilledCost,
     GpuSample,

@@ -2,8 +2,8 @@
 
 ``python -m bench.gpu_check [--seconds 30] [--interval 1] [--no-load] [--rate H100=2.99]``
 
-Runs :class:`~collectors.nvml.NvmlCollector` for ``--seconds``, printing every sample (readings,
-interval, energy, cost and the rate behind it), then the cost of one poll in milliseconds
+Runs :class:`~tokentop.collectors.nvml.NvmlCollector` for ``--seconds``, printing every sample
+(readings, interval, energy, cost and the rate behind it), then the cost of one poll in milliseconds
 (p50/p95/max over the polls after the first, which pays NVML's initialisation). If ``torch`` or
 ``cupy`` can reach the GPU, a small matrix-multiply load runs meanwhile so that utilisation,
 power and energy move; otherwise the GPU is measured as it is, and the script says so.
@@ -22,10 +22,10 @@ import time
 from collections.abc import Callable
 from decimal import Decimal
 
-from collectors.base import PollContext, SourceError, utcnow
-from collectors.nvml import NvmlCollector
-from pricing.gpu import GpuCostModel, GpuRate
-from store.records import GpuSample, nano_to_usd
+from tokentop.collectors.base import PollContext, SourceError, utcnow
+from tokentop.collectors.nvml import NvmlCollector
+from tokentop.pricing.gpu import GpuCostModel, GpuRate
+from tokentop.store.records import GpuSample, nano_to_usd
 
 
 def _load(stop: threading.Event) -> tuple[str, Callable[[], None] | None]:

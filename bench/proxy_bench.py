@@ -189,7 +189,7 @@ def main() -> None:
         [
             sys.executable,
             "-m",
-            "tui.cli",
+            "tokentop",
             "--db",
             str(db),
             "proxy",

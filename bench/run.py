@@ -32,11 +32,11 @@ from typing import Any
 
 from bench.generate import DAY, DEFAULT_END, dataset_info, day_usage, generate, make_series
 from bench.generate import print_summary as print_generation
-from collectors.runner import price_batch
-from pricing.book import PriceBook
-from store import queries
-from store.db import SERIES_COLUMNS, USAGE_SUMS, Store, StoreError
-from store.records import USAGE_DIMENSIONS, Batch, UsageBucket, to_epoch
+from tokentop.collectors.runner import price_batch
+from tokentop.pricing.book import PriceBook
+from tokentop.store import queries
+from tokentop.store.db import SERIES_COLUMNS, USAGE_SUMS, Store, StoreError
+from tokentop.store.records import USAGE_DIMENSIONS, Batch, UsageBucket, to_epoch
 
 WINDOWS: dict[str, timedelta] = {
     "15m": timedelta(minutes=15),
@@ -275,8 +275,8 @@ def pane_queries(
 def _snapshot_refresh(store: Store, now: datetime, window: str) -> Callable[[], object] | None:
     """The TUI's own refresh (one ``cost_by`` group), when its headless module imports."""
     try:
-        from tui.snapshot import WINDOWS as TUI_WINDOWS
-        from tui.snapshot import RefreshRequest, build_snapshot
+        from tokentop.tui.snapshot import WINDOWS as TUI_WINDOWS
+        from tokentop.tui.snapshot import RefreshRequest, build_snapshot
     except ImportError:
         return None
     if window not in TUI_WINDOWS:

@@ -26,10 +26,10 @@ from pathlib import Path
 from textual.app import App
 from textual.widgets import Static
 
-from store.db import Store
-from store.records import from_epoch
-from tui.app import TokentopApp
-from tui.messages import SnapshotReady
+from tokentop.store.db import Store
+from tokentop.store.records import from_epoch
+from tokentop.tui.app import TokentopApp
+from tokentop.tui.messages import SnapshotReady
 
 
 class _Empty(App[None]):
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     import_times = []
     for _ in range(args.repeat):
         t = time.perf_counter()
-        subprocess.run([sys.executable, "-c", "import tui.app"], check=True)
+        subprocess.run([sys.executable, "-c", "import tokentop.tui.app"], check=True)
         import_times.append(time.perf_counter() - t)
     base_imports = []
     for _ in range(args.repeat):
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         subprocess.run([sys.executable, "-c", "import textual.app"], check=True)
         base_imports.append(time.perf_counter() - t)
     print(
-        f"import tui.app (fresh interpreter): {min(import_times) * 1000:.0f} ms; "
+        f"import tokentop.tui.app (fresh interpreter): {min(import_times) * 1000:.0f} ms; "
         f"baseline import textual.app {min(base_imports) * 1000:.0f} ms"
     )
 

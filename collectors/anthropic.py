@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from collectors.http import (
+from tokentop.collectors.http import (
     AdminApiCollector,
     MalformedResponse,
     Params,
@@ -31,7 +31,7 @@ from collectors.http import (
     floor_day,
     floor_minute,
 )
-from store.records import BilledCost, UsageBucket, usd_to_nano
+from tokentop.store.records import BilledCost, UsageBucket, usd_to_nano
 
 USAGE_GROUP_BY = ("model", "api_key_id", "workspace_id", "service_tier", "context_window")
 COST_GROUP_BY = ("workspace_id", "description")

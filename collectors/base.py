@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Protocol, runtime_checkable
 
-from store.records import Batch
+from tokentop.store.records import Batch
 
 Clock = Callable[[], datetime]
 """Returns the current time, timezone-aware UTC. Injected so tests can freeze or move it."""

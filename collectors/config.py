@@ -18,8 +18,8 @@ from typing import Any
 
 import platformdirs
 
-from pricing.book import ModelPriceOverride, PricingConfig
-from pricing.gpu import GpuRate
+from tokentop.pricing.book import ModelPriceOverride, PricingConfig
+from tokentop.pricing.gpu import GpuRate
 
 APP = "tokentop"
 

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
 
-from collectors.base import Clock, PollContext, utcnow
-from pricing.gpu import GpuCostModel
-from store.records import (
+from tokentop.collectors.base import Clock, PollContext, utcnow
+from tokentop.pricing.gpu import GpuCostModel
+from tokentop.store.records import (
     Batch,
     GpuSample,
     InferenceSample,

@@ -50,9 +50,9 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from collectors.base import Clock, PollContext, SourceError, utcnow
-from collectors.config import ProviderConfig
-from store.records import Batch, BilledCost, UsageBucket, UsageWindow
+from tokentop.collectors.base import Clock, PollContext, SourceError, utcnow
+from tokentop.collectors.config import ProviderConfig
+from tokentop.store.records import Batch, BilledCost, UsageBucket, UsageWindow
 
 Sleep = Callable[[float], Awaitable[None]]
 Params = Sequence[tuple[str, str]]

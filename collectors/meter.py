@@ -11,14 +11,14 @@ cost per request:
   (gzip, deflate; br and zstd when their modules are installed) are decoded incrementally for the
   meter only. The result is an :class:`Exchange`.
 - **Extraction and pricing.** :func:`finalize` turns an :class:`Exchange` into a
-  :class:`~store.records.MeteredRequest`: OpenAI Chat Completions and legacy Completions
+  :class:`~tokentop.store.records.MeteredRequest`: OpenAI Chat Completions and legacy Completions
   (``prompt_tokens`` includes ``cached_tokens``), the Responses API (``response.completed``
   carries the usage of a stream), Anthropic Messages (``input_tokens`` is the uncached remainder;
   a stream's ``message_delta`` usage is cumulative, so the last one wins) and embeddings. A
   response without usage is estimated from the request's and the streamed text with
-  :func:`pricing.tokens.count_tokens` and marked ``estimated``. Parsing, estimating and pricing
-  all happen off the request path (in the recorder's thread, or when the pytest plugin settles a
-  test).
+  :func:`tokentop.pricing.tokens.count_tokens` and marked ``estimated``. Parsing, estimating and
+  pricing all happen off the request path (in the recorder's thread, or when the pytest plugin
+  settles a test).
 - **Instrumentation.** :class:`MeteredTransport` / :class:`AsyncMeteredTransport` wrap any httpx
   transport; :meth:`Meter.sdk_http_client` builds an ``http_client=`` for the OpenAI and
   Anthropic SDKs (which use ``httpx`` or, in newer releases, its fork ``httpx2``: both are
@@ -59,12 +59,12 @@ from typing import Any, Protocol, cast
 
 import httpx
 
-from collectors.base import Clock, utcnow
-from collectors.runner import price_request
-from pricing.book import PriceBook
-from pricing.tokens import count_tokens
-from store.db import Store
-from store.records import Batch, MeteredRequest, SourceHealth
+from tokentop.collectors.base import Clock, utcnow
+from tokentop.collectors.runner import price_request
+from tokentop.pricing.book import PriceBook
+from tokentop.pricing.tokens import count_tokens
+from tokentop.store.db import Store
+from tokentop.store.records import Batch, MeteredRequest, SourceHealth
 
 log = logging.getLogger("tokentop.meter")
 

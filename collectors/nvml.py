@@ -6,8 +6,9 @@ initialised lazily in that thread on the first poll and shut down by :meth:`Nvml
 
 A reading a device does not support (``NotSupported``, ``FunctionNotFound``, a missing symbol)
 is ``None``, "not available", never an exception. A missing driver is a fatal
-:class:`~collectors.base.SourceError` that says so plainly. A lost GPU is left out of the batch and
-named in ``Batch.extra["error"]`` (and ``["detail"]``) while the other GPUs keep reporting.
+:class:`~tokentop.collectors.base.SourceError` that says so plainly. A lost GPU is left out of the
+batch and named in ``Batch.extra["error"]`` (and ``["detail"]``) while the other GPUs keep
+reporting.
 
 Costs: each sample costs the time since that device's previous sample (the first sample of a
 device costs nothing: time not observed is not charged). ``energy_mj`` is the energy used in that
@@ -33,9 +34,9 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any, TypeVar
 
-from collectors.base import PollContext, SourceError, utcnow
-from pricing.gpu import GpuCostModel, rate_label
-from store.records import Batch, GpuSample, usd_to_nano
+from tokentop.collectors.base import PollContext, SourceError, utcnow
+from tokentop.pricing.gpu import GpuCostModel, rate_label
+from tokentop.store.records import Batch, GpuSample, usd_to_nano
 
 try:
     import pynvml

@@ -22,8 +22,8 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
-from collectors.base import PollContext
-from collectors.http import (
+from tokentop.collectors.base import PollContext
+from tokentop.collectors.http import (
     AdminApiCollector,
     NotFound,
     Params,
@@ -35,7 +35,7 @@ from collectors.http import (
     floor_day,
     floor_minute,
 )
-from store.records import Batch, BilledCost, UsageBucket, from_epoch, to_epoch, usd_to_nano
+from tokentop.store.records import Batch, BilledCost, UsageBucket, from_epoch, to_epoch, usd_to_nano
 
 log = logging.getLogger("tokentop.openai")
 

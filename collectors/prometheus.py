@@ -33,9 +33,9 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from collectors.base import PollContext, SourceError, utcnow
-from collectors.config import InferenceEndpoint
-from store.records import Batch, InferenceSample
+from tokentop.collectors.base import PollContext, SourceError, utcnow
+from tokentop.collectors.config import InferenceEndpoint
+from tokentop.store.records import Batch, InferenceSample
 
 Labels = tuple[tuple[str, str], ...]
 

@@ -12,7 +12,7 @@ Design, for speed and for streams that arrive as they are produced:
 - Response bodies are relayed as they are read: each read from the upstream is written to the
   client before the next read, byte for byte. A chunked body keeps its chunk framing (it is
   scanned, not re-encoded), so server-sent events reach the client exactly when the upstream
-  sends them. The meter (:class:`collectors.meter.Observer`) sees a copy of the data.
+  sends them. The meter (:class:`tokentop.collectors.meter.Observer`) sees a copy of the data.
 - Routing by path: ``/v1/messages...`` (or any request carrying ``anthropic-version``) goes to
   the Anthropic upstream, any other ``/v1/...`` to the OpenAI one. A base URL may carry a path
   prefix. ``GET /healthz`` answers locally.
@@ -42,8 +42,8 @@ from http import HTTPStatus
 from typing import Any
 from urllib.parse import urlsplit
 
-from collectors.base import Clock, utcnow
-from collectors.meter import (
+from tokentop.collectors.base import Clock, utcnow
+from tokentop.collectors.meter import (
     TAG_HEADER,
     Exchange,
     Observer,
@@ -387,8 +387,8 @@ class MeteringProxy:
 
     Args:
         config: listen address, upstreams and timeouts.
-        sink: receives each metered exchange (a :class:`collectors.meter.Recorder`); called on the
-            event loop, so it must only queue.
+        sink: receives each metered exchange (a :class:`tokentop.collectors.meter.Recorder`);
+            called on the event loop, so it must only queue.
         clock: time source for request timestamps.
     """
 

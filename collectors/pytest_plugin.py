@@ -5,16 +5,16 @@ Off unless ``--tokentop`` is given (only the ``llm_budget`` marker is always reg
 
 - **How calls are metered.** For the whole session the plugin patches the default transports of
   ``httpx`` and ``httpx2`` (``HTTPTransport.handle_request`` and
-  ``AsyncHTTPTransport.handle_async_request``; see :func:`collectors.meter.install`). The OpenAI
-  and Anthropic SDKs send through those transports, so an unmodified ``openai.OpenAI(...)`` or
-  ``anthropic.Anthropic(...)`` client is metered, sync or async, streaming or not. A client built
+  ``AsyncHTTPTransport.handle_async_request``; see :func:`tokentop.collectors.meter.install`). The
+  OpenAI and Anthropic SDKs send through those transports, so an unmodified ``openai.OpenAI(...)``
+  or ``anthropic.Anthropic(...)`` client is metered, sync or async, streaming or not. A client built
   on a custom transport (``httpx.MockTransport``, say) is not; wrap its transport in
-  :class:`collectors.meter.MeteredTransport` to meter it. Requests through the tokentop proxy are
-  metered here too (the client's request is what is seen).
+  :class:`tokentop.collectors.meter.MeteredTransport` to meter it. Requests through the tokentop
+  proxy are metered here too (the client's request is what is seen).
 - **Attribution.** A request belongs to the test that is running (setup, call or teardown) when
   its response ends; its tag is the test's node id unless ``X-Tokentop-Tag`` or
-  :func:`collectors.meter.tagged` says otherwise. A session-scoped fixture's requests land on the
-  first test that used it.
+  :func:`tokentop.collectors.meter.tagged` says otherwise. A session-scoped fixture's requests land
+  on the first test that used it.
 - **Report.** At the end, a table per test: requests, input and output tokens, cost and cost per
   request, priced with the price book (and the ``[pricing]`` of the tokentop config file).
   ``~`` marks estimated figures (a response without usage), ``unpriced`` models without a price.
@@ -168,9 +168,9 @@ class TokentopPlugin:
     """The plugin's state for one pytest session."""
 
     def __init__(self, config: pytest.Config) -> None:
-        from collectors.config import ConfigError, load_config
-        from collectors.meter import Meter, Recorder, install
-        from pricing.book import PriceBook
+        from tokentop.collectors.config import ConfigError, load_config
+        from tokentop.collectors.meter import Meter, Recorder, install
+        from tokentop.pricing.book import PriceBook
 
         self.config = config
         budget = config.getoption("tokentop_budget")
@@ -219,7 +219,7 @@ class TokentopPlugin:
 
     def settle(self) -> None:
         """Price what arrived since the last call and add it to each test's figures."""
-        from collectors.meter import finalize
+        from tokentop.collectors.meter import finalize
 
         with self._lock:
             pending, self._pending = self._pending, []

@@ -19,10 +19,10 @@ from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from typing import TypeVar
 
-from collectors.base import Clock, Collector, PollContext, SourceError, utcnow
-from pricing.book import PriceBook, TokenCounts
-from store.db import Store
-from store.records import (
+from tokentop.collectors.base import Clock, Collector, PollContext, SourceError, utcnow
+from tokentop.pricing.book import PriceBook, TokenCounts
+from tokentop.store.db import Store
+from tokentop.store.records import (
     Batch,
     MeteredRequest,
     SourceHealth,

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import os
 
-from collectors.base import Clock, Collector, utcnow
-from collectors.config import Config, ProviderConfig
-from pricing.gpu import GpuCostModel
+from tokentop.collectors.base import Clock, Collector, utcnow
+from tokentop.collectors.config import Config, ProviderConfig
+from tokentop.pricing.gpu import GpuCostModel
 
 
 def provider_enabled(provider: ProviderConfig) -> bool:
@@ -43,7 +43,7 @@ def build_sources(
     """
     costs = GpuCostModel(config.gpu_rates)
     if demo:
-        from collectors.demo import DemoCollector, DemoGpuCollector
+        from tokentop.collectors.demo import DemoCollector, DemoGpuCollector
 
         every = interval_s or 1.0
         return [
@@ -52,22 +52,22 @@ def build_sources(
         ]
     sources: list[Collector] = []
     if provider_enabled(config.openai):
-        from collectors.openai import OpenAICollector
+        from tokentop.collectors.openai import OpenAICollector
 
         sources.append(OpenAICollector(config.openai, clock=clock))
     if provider_enabled(config.anthropic):
-        from collectors.anthropic import AnthropicCollector
+        from tokentop.collectors.anthropic import AnthropicCollector
 
         sources.append(AnthropicCollector(config.anthropic, clock=clock))
     gpu_every = interval_s or config.gpu_interval_s
     if config.nvml is not False:
-        from collectors.nvml import NvmlCollector
+        from tokentop.collectors.nvml import NvmlCollector
 
         sources.append(
             NvmlCollector(rates=costs, interval_s=gpu_every, clock=clock, name=AUTO_NVML)
         )
     for i, endpoint in enumerate(config.inference):
-        from collectors.prometheus import InferenceCollector
+        from tokentop.collectors.prometheus import InferenceCollector
 
         sources.append(
             InferenceCollector(

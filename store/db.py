@@ -3,10 +3,10 @@
 One writer process and any number of readers share a file in WAL mode. Every batch is written in
 one transaction. A usage bucket's dimensions (source, provider, model, project, ...) are stored
 once, as a row of the small ``series`` table; ``usage`` is keyed on ``(start, series_id, width)``.
-A poll that says it re-read a window (:class:`~store.records.UsageWindow`) replaces that window,
-so re-polling never counts twice. Usage is rolled up by hour and by UTC day, GPU and inference
-samples by hour, all kept in step on every write, so that long windows are summed from a few
-thousand rows instead of millions.
+A poll that says it re-read a window (:class:`~tokentop.store.records.UsageWindow`) replaces that
+window, so re-polling never counts twice. Usage is rolled up by hour and by UTC day, GPU and
+inference samples by hour, all kept in step on every write, so that long windows are summed from a
+few thousand rows instead of millions.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any
 
 import sqlite_utils
 
-from store.records import (
+from tokentop.store.records import (
     USAGE_DIMENSIONS,
     Batch,
     BilledCost,

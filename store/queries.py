@@ -13,8 +13,8 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from store.db import DAY, HOUR, SERIES_COLUMNS, USAGE_SUMS, Store
-from store.records import (
+from tokentop.store.db import DAY, HOUR, SERIES_COLUMNS, USAGE_SUMS, Store
+from tokentop.store.records import (
     SourceHealth,
     from_epoch,
     nano_to_usd,

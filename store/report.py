@@ -14,8 +14,8 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from store import queries
-from store.db import Store
+from tokentop.store import queries
+from tokentop.store.db import Store
 
 FORMATS = ("json", "csv", "md")
 """Text formats rendered here; ``svg`` is a picture of the screen, made by the app."""

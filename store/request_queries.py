@@ -16,8 +16,8 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from store.db import Store
-from store.records import MeteredRequest, from_epoch, nano_to_usd
+from tokentop.store.db import Store
+from tokentop.store.records import MeteredRequest, from_epoch, nano_to_usd
 
 REQUEST_GROUPS = ("tag", "model", "provider")
 """What metered requests can be grouped by (a pytest test is a tag: its node id)."""

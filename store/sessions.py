@@ -17,10 +17,10 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from store import queries
-from store.db import Store
-from store.records import from_epoch
-from store.request_queries import RequestStats, request_stats, request_stats_by
+from tokentop.store import queries
+from tokentop.store.db import Store
+from tokentop.store.records import from_epoch
+from tokentop.store.request_queries import RequestStats, request_stats, request_stats_by
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meter_session (

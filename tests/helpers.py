@@ -10,10 +10,10 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from collectors.base import PollContext, SourceError
-from store.db import Store
-from store.queries import Totals
-from store.records import NANO_PER_USD, Batch, UsageBucket, nano_to_usd, to_epoch
+from tokentop.collectors.base import PollContext, SourceError
+from tokentop.store.db import Store
+from tokentop.store.queries import Totals
+from tokentop.store.records import NANO_PER_USD, Batch, UsageBucket, nano_to_usd, to_epoch
 
 T0 = datetime(2025, 3, 15, 12, 0, tzinfo=UTC)
 """A fixed, hour-aligned UTC instant that tests build their data around."""

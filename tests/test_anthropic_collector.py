@@ -7,11 +7,6 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from collectors.anthropic import AnthropicCollector
-from collectors.base import Collector
-from collectors.config import ProviderConfig
-from collectors.http import AdminApiCollector
-from store.records import UsageBucket
 from tests.fakes import (
     KEY_ENV,
     KEYS,
@@ -21,6 +16,11 @@ from tests.fakes import (
     poll_context,
     sum_usage,
 )
+from tokentop.collectors.anthropic import AnthropicCollector
+from tokentop.collectors.base import Collector
+from tokentop.collectors.config import ProviderConfig
+from tokentop.collectors.http import AdminApiCollector
+from tokentop.store.records import UsageBucket
 
 NOW = datetime(2025, 8, 1, 12, 30, 20, tzinfo=UTC)
 MINUTE = timedelta(minutes=1)

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from store.db import Store
+from tokentop.store.db import Store
 
 
 def run(
@@ -19,7 +19,7 @@ def run(
 ) -> subprocess.CompletedProcess[str]:
     full_env = {**os.environ, **(env or {})}
     return subprocess.run(
-        [sys.executable, "-m", "tui.cli", *args],
+        [sys.executable, "-m", "tokentop", *args],
         capture_output=True,
         text=True,
         env=full_env,

@@ -11,8 +11,8 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from collectors.runner import COLLECTOR_KEY, active_collector
-from store.db import Store
+from tokentop.collectors.runner import COLLECTOR_KEY, active_collector
+from tokentop.store.db import Store
 
 ROOT = Path(__file__).resolve().parents[1]
 NOW = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
@@ -38,7 +38,7 @@ def test_active_collector_reads_a_fresh_heartbeat_of_another_process(db_path: Pa
 def test_collect_beats_while_it_runs_and_clears_on_sigint(tmp_path: Path) -> None:
     db = tmp_path / "demo.db"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tui.cli", "collect", "--demo", "--db", str(db)],
+        [sys.executable, "-m", "tokentop", "collect", "--demo", "--db", str(db)],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -58,7 +58,7 @@ def test_collect_beats_while_it_runs_and_clears_on_sigint(tmp_path: Path) -> Non
         assert seen == proc.pid
         # A second collector on the same file refuses, in one line, and changes nothing.
         second = subprocess.run(
-            [sys.executable, "-m", "tui.cli", "collect", "--demo", "--db", str(db)],
+            [sys.executable, "-m", "tokentop", "collect", "--demo", "--db", str(db)],
             cwd=ROOT,
             capture_output=True,
             text=True,

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from collectors.config import (
+from tokentop.collectors.config import (
     Config,
     ConfigError,
     InferenceEndpoint,
@@ -19,9 +19,9 @@ from collectors.config import (
     load_config,
     parse_config,
 )
-from collectors.sources import build_sources, provider_enabled
-from pricing.book import ModelPriceOverride
-from pricing.gpu import GpuRate
+from tokentop.collectors.sources import build_sources, provider_enabled
+from tokentop.pricing.book import ModelPriceOverride
+from tokentop.pricing.gpu import GpuRate
 
 FULL = """
 budget_daily_usd = 50

@@ -10,8 +10,9 @@ from typing import Any
 
 import pytest
 
-from collectors.base import PollContext
-from collectors.demo import (
+from tests.helpers import T0, USAGE_FLAT, Clock
+from tokentop.collectors.base import PollContext
+from tokentop.collectors.demo import (
     DEMO_GPUS,
     SERIES,
     DemoCollector,
@@ -19,13 +20,12 @@ from collectors.demo import (
     demo_backfill,
     minute_usage,
 )
-from collectors.runner import Runner
-from pricing.book import PriceBook
-from pricing.gpu import GpuCostModel
-from store import queries
-from store.db import Store
-from store.records import to_epoch
-from tests.helpers import T0, USAGE_FLAT, Clock
+from tokentop.collectors.runner import Runner
+from tokentop.pricing.book import PriceBook
+from tokentop.pricing.gpu import GpuCostModel
+from tokentop.store import queries
+from tokentop.store.db import Store
+from tokentop.store.records import to_epoch
 
 # Mid-afternoon, a few seconds into a minute: traffic is high and the open minute is partial.
 START = T0.replace(hour=15) + timedelta(seconds=5)

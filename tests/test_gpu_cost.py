@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pricing.gpu import (
+from tokentop.pricing.gpu import (
     DEFAULT_RATES,
     HYPERSCALER_RATES,
     GpuCostModel,
@@ -177,8 +177,9 @@ def test_api_equivalent_cost() -> None:
 
 def test_pricing_imports_nothing_of_the_project() -> None:
     code = (
-        "import sys, pricing.gpu\n"
-        "bad = [m for m in sys.modules if m.split('.')[0] in ('collectors', 'store', 'tui')]\n"
+        "import sys, tokentop.pricing.gpu\n"
+        "own = ('tokentop.collectors', 'tokentop.store', 'tokentop.tui')\n"
+        "bad = [m for m in sys.modules if m.startswith(own)]\n"
         "print(bad)\n"
     )
     done = subprocess.run(

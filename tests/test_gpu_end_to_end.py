@@ -55,7 +55,7 @@ def test_two_h100s_serving_vllm_cost_per_inference(tmp_path: Path) -> None:
             while time.monotonic() < deadline and samples < 14:
                 time.sleep(0.5)
                 if db.exists():
-                    from store.db import Store
+                    from tokentop.store.db import Store
 
                     store = Store(db, readonly=True)
                     try:
@@ -72,7 +72,7 @@ def test_two_h100s_serving_vllm_cost_per_inference(tmp_path: Path) -> None:
     assert proc.returncode == 0, err
     assert "Traceback" not in err
     result = subprocess.run(
-        [sys.executable, "-m", "tui.cli", "--db", str(db), "report", "--since", "5m", "--json"],
+        [sys.executable, "-m", "tokentop", "--db", str(db), "report", "--since", "5m", "--json"],
         cwd=ROOT,
         capture_output=True,
         text=True,

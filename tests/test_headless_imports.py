@@ -14,17 +14,18 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADLESS = (
-    "collectors",
-    "collectors.runner",
-    "collectors.demo",
-    "collectors.config",
-    "collectors.sources",
-    "pricing.book",
-    "pricing.gpu",
-    "pricing.tokens",
-    "store.db",
-    "store.queries",
-    "store.report",
+    "tokentop",
+    "tokentop.collectors",
+    "tokentop.collectors.runner",
+    "tokentop.collectors.demo",
+    "tokentop.collectors.config",
+    "tokentop.collectors.sources",
+    "tokentop.pricing.book",
+    "tokentop.pricing.gpu",
+    "tokentop.pricing.tokens",
+    "tokentop.store.db",
+    "tokentop.store.queries",
+    "tokentop.store.report",
 )
 
 
@@ -50,15 +51,22 @@ def test_headless_modules_import_without_textual() -> None:
     assert result.stdout.strip() == "[]"
 
 
+def _top(module: str) -> str:
+    """The package a module belongs to: ``tokentop.store.db`` -> ``store``, ``textual.app`` ->
+    ``textual``."""
+    parts = module.split(".")
+    return parts[1] if parts[0] == "tokentop" and len(parts) > 1 else parts[0]
+
+
 def _imports(path: Path) -> list[tuple[int, str]]:
-    """Top-level names of every absolute import in a file (inside functions too)."""
+    """Packages named by every absolute import in a file (inside functions too)."""
     tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
     found: list[tuple[int, str]] = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            found += [(node.lineno, alias.name.split(".")[0]) for alias in node.names]
+            found += [(node.lineno, _top(alias.name)) for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            found.append((node.lineno, node.module.split(".")[0]))
+            found.append((node.lineno, _top(node.module)))
         elif (
             isinstance(node, ast.Call)
             and isinstance(node.func, ast.Attribute | ast.Name)
@@ -67,7 +75,7 @@ def _imports(path: Path) -> list[tuple[int, str]]:
             and isinstance(node.args[0], ast.Constant)
             and isinstance(node.args[0].value, str)
         ):
-            found.append((node.lineno, node.args[0].value.split(".")[0]))
+            found.append((node.lineno, _top(node.args[0].value)))
     return found
 
 
@@ -96,9 +104,9 @@ def test_the_import_scanner_sees_lazy_and_aliased_imports(tmp_path: Path) -> Non
     sample.write_text(
         "import textual.app as t\n"
         "def f():\n"
-        "    from tui.app import App\n"
+        "    from tokentop.tui.app import App\n"
         "    import importlib\n"
-        "    importlib.import_module('collectors.demo')\n"
+        "    importlib.import_module('tokentop.collectors.demo')\n"
         "from . import sibling\n",
         encoding="utf-8",
     )

@@ -19,7 +19,8 @@ import httpx
 import openai
 import pytest
 
-from collectors.meter import (
+from tests.fakes.upstream import FakeUpstream
+from tokentop.collectors.meter import (
     CHAT,
     MESSAGES,
     RESPONSES,
@@ -37,11 +38,10 @@ from collectors.meter import (
     openai_usage,
     tagged,
 )
-from pricing.book import ModelPriceOverride, PriceBook, PricingConfig
-from store import queries
-from store.db import Store
-from store.records import MeteredRequest
-from tests.fakes.upstream import FakeUpstream
+from tokentop.pricing.book import ModelPriceOverride, PriceBook, PricingConfig
+from tokentop.store import queries
+from tokentop.store.db import Store
+from tokentop.store.records import MeteredRequest
 
 ROOT = Path(__file__).resolve().parent.parent
 T0 = datetime(2025, 8, 1, 12, tzinfo=UTC)
@@ -228,7 +228,7 @@ def test_openai_stream_usage_chunk_and_gzip_body() -> None:
 
 
 def test_huge_json_body_reads_usage_from_its_tail(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("collectors.meter.MAX_BODY_BYTES", 1000)
+    monkeypatch.setattr("tokentop.collectors.meter.MAX_BODY_BYTES", 1000)
     body = json.dumps(
         {
             "data": [{"embedding": [0.5] * 2000}],
@@ -498,9 +498,9 @@ def test_recorder_writes_in_background_and_stops_cleanly(db_path: Path) -> None:
 def test_recorder_flushes_at_exit_without_close(db_path: Path) -> None:
     script = f"""
 from datetime import datetime, UTC
-from collectors.meter import Recorder
-from pricing.book import PriceBook
-from store.records import MeteredRequest
+from tokentop.collectors.meter import Recorder
+from tokentop.pricing.book import PriceBook
+from tokentop.store.records import MeteredRequest
 
 recorder = Recorder({str(db_path)!r}, PriceBook(), flush_interval_s=60)
 recorder.record(MeteredRequest(ts=datetime.now(UTC), provider="openai", model="gpt-4o-mini",

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from collectors.base import Collector, PollContext, SourceError
-from collectors.nvml import NvmlCollector
-from pricing.gpu import GpuCostModel, GpuRate
-from store.records import Batch, GpuSample, usd_to_nano
 from tests.fakes.nvml import GIB, FakeGpu, FakeMig, FakeNvml, ManualClock
+from tokentop.collectors.base import Collector, PollContext, SourceError
+from tokentop.collectors.nvml import NvmlCollector
+from tokentop.pricing.gpu import GpuCostModel, GpuRate
+from tokentop.store.records import Batch, GpuSample, usd_to_nano
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -311,16 +311,16 @@ def test_launcher_installs_the_fake_in_a_subprocess(tmp_path: Path) -> None:
     code = (
         "import asyncio, sys\n"
         "from tests.fakes.run_with_fake_nvml import main\n"
-        "import tui.cli\n"
+        "import tokentop.tui.cli\n"
         "async def run():\n"
-        "    from collectors.base import PollContext, utcnow\n"
-        "    from collectors.nvml import NvmlCollector\n"
-        "    from pricing.gpu import GpuCostModel\n"
+        "    from tokentop.collectors.base import PollContext, utcnow\n"
+        "    from tokentop.collectors.nvml import NvmlCollector\n"
+        "    from tokentop.pricing.gpu import GpuCostModel\n"
         "    c = NvmlCollector(rates=GpuCostModel())\n"
         "    b = await c.poll(PollContext(utcnow(), None, utcnow()))\n"
         "    await c.aclose()\n"
         "    return [(s.name, s.util_pct, s.power_mw) for s in b.gpu]\n"
-        "tui.cli.main = lambda argv: print(argv, asyncio.run(run())) or 0\n"
+        "tokentop.tui.cli.main = lambda argv: print(argv, asyncio.run(run())) or 0\n"
         "sys.exit(main([sys.argv[1], '--', 'collect', '--interval', '1']))\n"
     )
     done = subprocess.run(

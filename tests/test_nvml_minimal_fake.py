@@ -10,9 +10,9 @@ from types import SimpleNamespace
 import pynvml
 import pytest
 
-from collectors.base import PollContext
-from collectors.nvml import NvmlCollector
-from pricing.gpu import GpuCostModel, GpuRate
+from tokentop.collectors.base import PollContext
+from tokentop.collectors.nvml import NvmlCollector
+from tokentop.pricing.gpu import GpuCostModel, GpuRate
 
 
 async def test_minimal_fake_still_gives_costed_samples(monkeypatch: pytest.MonkeyPatch) -> None:

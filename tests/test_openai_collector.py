@@ -8,11 +8,6 @@ from decimal import Decimal
 
 import pytest
 
-from collectors.base import Collector
-from collectors.config import ProviderConfig
-from collectors.http import AdminApiCollector
-from collectors.openai import OpenAICollector
-from store.records import UsageBucket
 from tests.fakes import (
     KEY_ENV,
     KEYS,
@@ -22,6 +17,11 @@ from tests.fakes import (
     poll_context,
     sum_usage,
 )
+from tokentop.collectors.base import Collector
+from tokentop.collectors.config import ProviderConfig
+from tokentop.collectors.http import AdminApiCollector
+from tokentop.collectors.openai import OpenAICollector
+from tokentop.store.records import UsageBucket
 
 NOW = datetime(2025, 8, 1, 12, 30, 20, tzinfo=UTC)
 MINUTE = timedelta(minutes=1)

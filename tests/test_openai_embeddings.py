@@ -16,11 +16,6 @@ from pathlib import Path
 import httpx
 import pytest
 
-from collectors.base import SourceError
-from collectors.http import AdminApiCollector
-from collectors.openai import OpenAICollector
-from pricing.book import PriceBook, TokenCounts
-from store.records import UsageBucket
 from tests.fakes import (
     KEY_ENV,
     KEYS,
@@ -30,6 +25,11 @@ from tests.fakes import (
     poll_context,
     sum_usage,
 )
+from tokentop.collectors.base import SourceError
+from tokentop.collectors.http import AdminApiCollector
+from tokentop.collectors.openai import OpenAICollector
+from tokentop.pricing.book import PriceBook, TokenCounts
+from tokentop.store.records import UsageBucket
 
 NOW = datetime(2025, 8, 1, 12, 30, 20, tzinfo=UTC)
 MINUTE = timedelta(minutes=1)
@@ -372,7 +372,7 @@ def test_fake_refuses_completions_only_groupings() -> None:
 
 def tokentop(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "tui.cli", *args],
+        [sys.executable, "-m", "tokentop", *args],
         cwd=ROOT,
         env={**os.environ, **env},
         capture_output=True,

@@ -11,8 +11,8 @@ import pytest
 from genai_prices.data_snapshot import get_snapshot
 from genai_prices.types import StartDateConstraint
 
-from pricing.book import ModelPriceOverride, PriceBook, PricingConfig, TokenCounts
-from pricing.gpu import (
+from tokentop.pricing.book import ModelPriceOverride, PriceBook, PricingConfig, TokenCounts
+from tokentop.pricing.gpu import (
     DEFAULT_RATES,
     GpuCostModel,
     GpuRate,

@@ -9,18 +9,18 @@ from collections.abc import AsyncIterator, Callable, Iterator
 import httpx
 import pytest
 
-from collectors.base import Collector, PollContext, SourceError
-from collectors.config import InferenceEndpoint
-from collectors.prometheus import (
+from tests.fakes.metrics_server import KINDS, MetricsServer, Traffic
+from tests.fakes.nvml import ManualClock
+from tokentop.collectors.base import Collector, PollContext, SourceError
+from tokentop.collectors.config import InferenceEndpoint
+from tokentop.collectors.prometheus import (
     InferenceCollector,
     PrometheusParseError,
     Sample,
     detect_kind,
     parse_text,
 )
-from store.records import InferenceSample
-from tests.fakes.metrics_server import KINDS, MetricsServer, Traffic
-from tests.fakes.nvml import ManualClock
+from tokentop.store.records import InferenceSample
 
 MODELS = ('org/model "a"', "model-b")
 

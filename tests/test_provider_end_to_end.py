@@ -15,15 +15,15 @@ from typing import Any
 
 import pytest
 
-from pricing.book import PriceBook, TokenCounts
 from tests.fakes.provider_server import FakeProviderServer
+from tokentop.pricing.book import PriceBook, TokenCounts
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def tokentop(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "tui.cli", *args],
+        [sys.executable, "-m", "tokentop", *args],
         cwd=ROOT,
         env={**os.environ, **env},
         capture_output=True,

@@ -12,12 +12,6 @@ from typing import Any
 import httpx
 import pytest
 
-from collectors.anthropic import AnthropicCollector
-from collectors.base import SourceError
-from collectors.config import ProviderConfig
-from collectors.http import AdminApiCollector, one_line, parse_retry_after, scrub
-from collectors.openai import OpenAICollector
-from store.records import Batch
 from tests.fakes import (
     KEY_ENV,
     KEYS,
@@ -26,6 +20,12 @@ from tests.fakes import (
     poll_context,
     sum_usage,
 )
+from tokentop.collectors.anthropic import AnthropicCollector
+from tokentop.collectors.base import SourceError
+from tokentop.collectors.config import ProviderConfig
+from tokentop.collectors.http import AdminApiCollector, one_line, parse_retry_after, scrub
+from tokentop.collectors.openai import OpenAICollector
+from tokentop.store.records import Batch
 
 NOW = datetime(2025, 8, 1, 12, 30, 20, tzinfo=UTC)
 PATHS = {"openai": "/usage/completions", "anthropic": "/usage_report/"}

@@ -20,10 +20,6 @@ import httpx
 import openai
 import pytest
 
-from collectors.meter import Recorder
-from collectors.proxy import ProxyConfig, ProxyThread, _ChunkedScanner
-from pricing.book import PriceBook, TokenCounts
-from store.db import Store
 from tests.fakes.upstream import FakeUpstream
 from tests.test_meter import (
     BOOK,
@@ -35,7 +31,11 @@ from tests.test_meter import (
     RESPONSES_TOKENS,
     Usage,
 )
-from tui import cli
+from tokentop.collectors.meter import Recorder
+from tokentop.collectors.proxy import ProxyConfig, ProxyThread, _ChunkedScanner
+from tokentop.pricing.book import PriceBook, TokenCounts
+from tokentop.store.db import Store
+from tokentop.tui import cli
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "sk-proj-SECRETKEY-5d2e0f9a"
@@ -326,7 +326,7 @@ def test_proxy_command_records_and_stops_on_sigterm(db_path: Path) -> None:
             [
                 sys.executable,
                 "-m",
-                "tui.cli",
+                "tokentop",
                 "--db",
                 str(db_path),
                 "proxy",
@@ -366,7 +366,7 @@ def test_proxy_command_records_and_stops_on_sigterm(db_path: Path) -> None:
 
 
 def store_ts(row: dict[str, object]) -> object:
-    from store.records import from_epoch
+    from tokentop.store.records import from_epoch
 
     return from_epoch(int(row["ts"]) / 1000)  # type: ignore[call-overload]
 
@@ -395,7 +395,7 @@ def test_no_prompt_response_or_key_reaches_the_database_or_logs(
         with pytest.raises(openai.BadRequestError):
             oai.chat.completions.create(model="gpt-4o-mini", messages=messages)
         # The pytest-style in-process meter, writing to the same database.
-        from collectors.meter import Meter
+        from tokentop.collectors.meter import Meter
 
         meter = Meter([stack.recorder])
         direct = openai.OpenAI(

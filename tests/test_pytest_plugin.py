@@ -12,10 +12,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from collectors.pytest_plugin import usd
-from pricing.book import PriceBook, TokenCounts
-from store.db import Store
 from tests.fakes.upstream import FakeUpstream
+from tokentop.collectors.pytest_plugin import usd
+from tokentop.pricing.book import PriceBook, TokenCounts
+from tokentop.store.db import Store
 
 pytest_plugins = ["pytester"]
 

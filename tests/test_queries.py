@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from store import queries
-from store.db import HOUR, Store
-from store.queries import _parts
-from store.records import (
+from tests.helpers import T0, at, bucket, fine_totals, nano
+from tokentop.store import queries
+from tokentop.store.db import HOUR, Store
+from tokentop.store.queries import _parts
+from tokentop.store.records import (
     Batch,
     BilledCost,
     GpuSample,
@@ -22,7 +23,6 @@ from store.records import (
     nano_to_usd,
     to_epoch,
 )
-from tests.helpers import T0, at, bucket, fine_totals, nano
 
 
 @pytest.fixture

@@ -13,11 +13,11 @@ from typing import Any
 
 import pytest
 
-from pricing.book import ModelPriceOverride, PriceBook, PricingConfig
-from store.db import Store
-from store.records import Batch, BilledCost, GpuSample, InferenceSample, SourceHealth
-from store.report import FORMATS, build_report, render
 from tests.helpers import T0, at, bucket, nano
+from tokentop.pricing.book import ModelPriceOverride, PriceBook, PricingConfig
+from tokentop.store.db import Store
+from tokentop.store.records import Batch, BilledCost, GpuSample, InferenceSample, SourceHealth
+from tokentop.store.report import FORMATS, build_report, render
 
 START = T0
 END = T0 + timedelta(hours=1)

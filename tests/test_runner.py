@@ -11,12 +11,13 @@ from pathlib import Path
 import genai_prices
 import pytest
 
-from collectors.base import Collector, PollContext, SourceError
-from collectors.runner import Runner, price_batch
-from pricing.book import PriceBook
-from store import queries
-from store.db import Store
-from store.records import (
+from tests.helpers import T0, USAGE_FLAT, Clock, FakeCollector, at, auth_error, bucket
+from tokentop.collectors.base import Collector, PollContext, SourceError
+from tokentop.collectors.runner import Runner, price_batch
+from tokentop.pricing.book import PriceBook
+from tokentop.store import queries
+from tokentop.store.db import Store
+from tokentop.store.records import (
     Batch,
     MeteredRequest,
     SourceHealth,
@@ -25,7 +26,6 @@ from store.records import (
     from_epoch,
     to_epoch,
 )
-from tests.helpers import T0, USAGE_FLAT, Clock, FakeCollector, at, auth_error, bucket
 
 GPT4O = "gpt-4o-2024-05-13"
 REF = f"genai-prices {genai_prices.__version__} openai/{GPT4O}"

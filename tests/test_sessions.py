@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from collectors.base import utcnow
-from store import sessions
-from store.db import Store
-from store.records import Batch, GpuSample, InferenceSample, MeteredRequest
-from store.request_queries import latest_requests, request_stats, request_stats_by
-from tui import cli
+from tokentop.collectors.base import utcnow
+from tokentop.store import sessions
+from tokentop.store.db import Store
+from tokentop.store.records import Batch, GpuSample, InferenceSample, MeteredRequest
+from tokentop.store.request_queries import latest_requests, request_stats, request_stats_by
+from tokentop.tui import cli
 
 T0 = datetime(2025, 8, 1, 12, tzinfo=UTC)
 

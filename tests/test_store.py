@@ -13,9 +13,21 @@ from typing import Any, cast
 
 import pytest
 
-from store import queries
-from store.db import Store, StoreError
-from store.records import (
+from tests.helpers import (
+    T0,
+    USAGE_FLAT,
+    at,
+    bucket,
+    fine_totals,
+    nano,
+    usage_day_expected,
+    usage_day_rows,
+    usage_hour_expected,
+    usage_hour_rows,
+)
+from tokentop.store import queries
+from tokentop.store.db import Store, StoreError
+from tokentop.store.records import (
     Batch,
     BilledCost,
     GpuSample,
@@ -28,18 +40,6 @@ from store.records import (
     nano_to_usd,
     to_epoch,
     usd_to_nano,
-)
-from tests.helpers import (
-    T0,
-    USAGE_FLAT,
-    at,
-    bucket,
-    fine_totals,
-    nano,
-    usage_day_expected,
-    usage_day_rows,
-    usage_hour_expected,
-    usage_hour_rows,
 )
 
 

@@ -8,8 +8,8 @@ import pytest
 import tiktoken
 import tiktoken.load
 
-from pricing import tokens
-from pricing.tokens import count_tokens
+from tokentop.pricing import tokens
+from tokentop.pricing.tokens import count_tokens
 
 TEXT = "The quick brown fox jumps over the lazy dog"  # 43 characters
 

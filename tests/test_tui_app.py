@@ -12,17 +12,17 @@ import pytest
 from textual.pilot import Pilot
 from textual.widgets import Input, Static
 
-from collectors.config import Config
-from store.db import Store
-from store.records import Batch, SourceHealth, UsageBucket
-from tui.app import FilterInput, TokentopApp
-from tui.panes.cost_per_query import CostPerQueryPane
-from tui.panes.gpu import GpuPane
-from tui.panes.sources import SourcesPane
-from tui.snapshot import PANES
-from tui.widgets.freshness import FreshnessBadge
-from tui.widgets.help_screen import HelpScreen
-from tui.widgets.top_bar import TopBar
+from tokentop.collectors.config import Config
+from tokentop.store.db import Store
+from tokentop.store.records import Batch, SourceHealth, UsageBucket
+from tokentop.tui.app import FilterInput, TokentopApp
+from tokentop.tui.panes.cost_per_query import CostPerQueryPane
+from tokentop.tui.panes.gpu import GpuPane
+from tokentop.tui.panes.sources import SourcesPane
+from tokentop.tui.snapshot import PANES
+from tokentop.tui.widgets.freshness import FreshnessBadge
+from tokentop.tui.widgets.help_screen import HelpScreen
+from tokentop.tui.widgets.top_bar import TopBar
 
 try:
     from tests.test_tui_seed import FROZEN, frozen_clock, seed_store
@@ -313,7 +313,7 @@ async def test_a_failed_refresh_is_reported_not_fatal(
         def broken(*args: object) -> None:
             raise RuntimeError("database is locked")
 
-        monkeypatch.setattr("tui.app.build_snapshot", broken)
+        monkeypatch.setattr("tokentop.tui.app.build_snapshot", broken)
         app.request_refresh()
         await settle(pilot)
         assert app.refresh_error == "refresh failed: database is locked"

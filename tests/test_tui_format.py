@@ -6,7 +6,7 @@ from decimal import Decimal
 
 import pytest
 
-from tui import format as fmt
+from tokentop.tui import format as fmt
 
 
 @pytest.mark.parametrize(

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from collectors.runner import Runner
-from pricing.book import PriceBook
-from store.db import Store
-from store.records import SourceHealth
-from tui.app import TokentopApp
-from tui.panes.spend import SpendPane
-from tui.snapshot import usage_loading
+from tokentop.collectors.runner import Runner
+from tokentop.pricing.book import PriceBook
+from tokentop.store.db import Store
+from tokentop.store.records import SourceHealth
+from tokentop.tui.app import TokentopApp
+from tokentop.tui.panes.spend import SpendPane
+from tokentop.tui.snapshot import usage_loading
 
 try:
     from tests.test_tui_seed import FROZEN, frozen_clock

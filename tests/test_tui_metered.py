@@ -7,11 +7,11 @@ from pathlib import Path
 
 from textual.widgets import Static
 
-from collectors.runner import price_request
-from pricing.book import PriceBook
-from store.db import Store
-from store.records import Batch, MeteredRequest
-from tui.app import TokentopApp
+from tokentop.collectors.runner import price_request
+from tokentop.pricing.book import PriceBook
+from tokentop.store.db import Store
+from tokentop.store.records import Batch, MeteredRequest
+from tokentop.tui.app import TokentopApp
 
 try:
     from tests.test_tui_seed import FROZEN, frozen_clock

@@ -8,9 +8,9 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from store import queries
-from store.db import Store
-from store.records import (
+from tokentop.store import queries
+from tokentop.store.db import Store
+from tokentop.store.records import (
     Batch,
     BilledCost,
     GpuSample,

@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 from textual.pilot import Pilot
 
-from collectors.config import Config
-from tui.app import TokentopApp
-from tui.panes.sources import CpuMeter
+from tokentop.collectors.config import Config
+from tokentop.tui.app import TokentopApp
+from tokentop.tui.panes.sources import CpuMeter
 
 try:
     from tests.test_tui_seed import frozen_clock, seed_store

@@ -3,7 +3,7 @@
 The app reads its own connection to the database. Collectors, when the app runs them, write
 through another connection (the runner's); without a runner the app watches a file that another
 process (``tokentop collect``) fills. Either way the panes only ever see store queries, run off
-the event loop and delivered as one immutable :class:`~tui.snapshot.Snapshot` per refresh.
+the event loop and delivered as one immutable :class:`~tokentop.tui.snapshot.Snapshot` per refresh.
 """
 
 from __future__ import annotations
@@ -27,20 +27,20 @@ from textual.screen import Screen
 from textual.widgets import Footer, Input
 from textual.worker import Worker, WorkerState, get_current_worker
 
-from collectors.base import utcnow
-from collectors.config import Config
-from pricing.book import PriceBook
-from store.db import Store
-from store.queries import GROUPS
-from store.report import build_report, render
-from tui.messages import SnapshotExported, SnapshotReady
-from tui.panes.base import Pane
-from tui.panes.cost_per_query import CostPerQueryPane
-from tui.panes.gpu import GpuPane
-from tui.panes.model_mix import ModelMixPane
-from tui.panes.sources import SourcesPane
-from tui.panes.spend import SpendPane
-from tui.snapshot import (
+from tokentop.collectors.base import utcnow
+from tokentop.collectors.config import Config
+from tokentop.pricing.book import PriceBook
+from tokentop.store.db import Store
+from tokentop.store.queries import GROUPS
+from tokentop.store.report import build_report, render
+from tokentop.tui.messages import SnapshotExported, SnapshotReady
+from tokentop.tui.panes.base import Pane
+from tokentop.tui.panes.cost_per_query import CostPerQueryPane
+from tokentop.tui.panes.gpu import GpuPane
+from tokentop.tui.panes.model_mix import ModelMixPane
+from tokentop.tui.panes.sources import SourcesPane
+from tokentop.tui.panes.spend import SpendPane
+from tokentop.tui.snapshot import (
     PANES,
     WINDOWS,
     RefreshRequest,
@@ -48,8 +48,8 @@ from tui.snapshot import (
     build_snapshot,
     window_name,
 )
-from tui.widgets.help_screen import HelpScreen
-from tui.widgets.top_bar import TopBar
+from tokentop.tui.widgets.help_screen import HelpScreen
+from tokentop.tui.widgets.top_bar import TopBar
 
 log = logging.getLogger(__name__)
 

@@ -19,10 +19,10 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any, NoReturn
 
-from collectors.base import utcnow
-from collectors.config import Config, ConfigError, default_db_path, load_config
-from pricing.book import PriceBook, TokenCounts
-from store.records import usd_to_nano
+from tokentop.collectors.base import utcnow
+from tokentop.collectors.config import Config, ConfigError, default_db_path, load_config
+from tokentop.pricing.book import PriceBook, TokenCounts
+from tokentop.store.records import usd_to_nano
 
 USAGE_ERROR = 2
 FAILURE = 1
@@ -158,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     sources = sub.add_parser("sources", parents=[common], help="configured sources and health")
     sources.add_argument("--json", action="store_true")
 
-    from tui import cli_meter
+    from tokentop.tui import cli_meter
 
     cli_meter.add_commands(sub, common)
     return parser
@@ -188,7 +188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             stream=sys.stderr,
         )
         ctx = _context(args)
-        from tui import cli_meter
+        from tokentop.tui import cli_meter
 
         command = args.command or "tui"
         handler = {
@@ -209,7 +209,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _open_store(ctx: _Context, *, must_exist: bool) -> Any:
-    from store.db import Store
+    from tokentop.store.db import Store
 
     if must_exist and not ctx.db_path.exists():
         hint = "tokentop collect --demo --once" if ctx.args.demo else "tokentop collect"
@@ -221,9 +221,9 @@ def _open_store(ctx: _Context, *, must_exist: bool) -> Any:
 
 
 def _tui(ctx: _Context) -> int:
-    from collectors.runner import Runner, active_collector
-    from collectors.sources import build_sources
-    from tui.app import TokentopApp
+    from tokentop.collectors.runner import Runner, active_collector
+    from tokentop.collectors.sources import build_sources
+    from tokentop.tui.app import TokentopApp
 
     store = _open_store(ctx, must_exist=False)
     label = ctx.label or (store.get_meta("label") or "")
@@ -254,8 +254,8 @@ def _tui(ctx: _Context) -> int:
 
 
 def _collect(ctx: _Context) -> int:
-    from collectors.runner import Runner, active_collector
-    from collectors.sources import build_sources, optional_sources
+    from tokentop.collectors.runner import Runner, active_collector
+    from tokentop.collectors.sources import build_sources, optional_sources
 
     store = _open_store(ctx, must_exist=False)
     other = active_collector(store, utcnow())
@@ -286,7 +286,7 @@ def _collect(ctx: _Context) -> int:
     try:
         if ctx.args.once:
             results = asyncio.run(runner.run_once_and_close())
-            from store import queries
+            from tokentop.store import queries
 
             health = {h.name: h for h in queries.sources(store, utcnow())}
             failed = False
@@ -317,7 +317,7 @@ def _window(ctx: _Context, since: str) -> tuple[datetime, datetime, datetime]:
 
 
 def _build_report(ctx: _Context, since: str) -> dict[str, Any]:
-    from store.report import build_report
+    from tokentop.store.report import build_report
 
     start, end, now = _window(ctx, since)
     store = _open_store(ctx, must_exist=True)
@@ -341,7 +341,7 @@ def _build_report(ctx: _Context, since: str) -> dict[str, Any]:
 
 
 def _report(ctx: _Context) -> int:
-    from store.report import render
+    from tokentop.store.report import render
 
     report = _build_report(ctx, ctx.args.since)
     sys.stdout.write(render(report, "json" if ctx.args.json else "md"))
@@ -349,7 +349,7 @@ def _report(ctx: _Context) -> int:
 
 
 def _export(ctx: _Context) -> int:
-    from store.report import FORMATS, render
+    from tokentop.store.report import FORMATS, render
 
     fmt = ctx.args.format.lower()
     if fmt not in (*FORMATS, "svg"):
@@ -367,7 +367,7 @@ def _export(ctx: _Context) -> int:
 
 
 def _export_svg(ctx: _Context) -> str:
-    from tui.app import TokentopApp
+    from tokentop.tui.app import TokentopApp
 
     start, _end, now = _window(ctx, ctx.args.since)
     store = _open_store(ctx, must_exist=True)
@@ -383,7 +383,7 @@ def _price(ctx: _Context) -> int:
     book = PriceBook(ctx.config.pricing)
     counted = None
     if args.input_file is not None:
-        from pricing.tokens import count_tokens
+        from tokentop.pricing.tokens import count_tokens
 
         try:
             text = args.input_file.read_text(encoding="utf-8")
@@ -456,9 +456,9 @@ def _exact(value: Decimal | None) -> float | None:
 
 
 def _sources(ctx: _Context) -> int:
-    from collectors.sources import build_sources
-    from store import queries
-    from store.db import Store
+    from tokentop.collectors.sources import build_sources
+    from tokentop.store import queries
+    from tokentop.store.db import Store
 
     now = utcnow()
     configured = [(c.name, c.kind) for c in build_sources(ctx.config, demo=ctx.args.demo)]

@@ -102,7 +102,7 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
 
 
 def _usage_error(message: str) -> Exception:
-    from tui.cli import UsageError
+    from tokentop.tui.cli import UsageError
 
     return UsageError(message)
 
@@ -111,9 +111,9 @@ def _usage_error(message: str) -> Exception:
 
 
 def _proxy(ctx: Any) -> int:
-    from collectors.meter import Recorder
-    from collectors.proxy import MeteringProxy, ProxyConfig, serve
-    from pricing.book import PriceBook
+    from tokentop.collectors.meter import Recorder
+    from tokentop.collectors.proxy import MeteringProxy, ProxyConfig, serve
+    from tokentop.pricing.book import PriceBook
 
     args = ctx.args
     config = ProxyConfig(
@@ -209,9 +209,9 @@ def _rate(value: float | None) -> str:
 
 
 def _session(ctx: Any) -> int:
-    from collectors.base import utcnow
-    from store import sessions
-    from store.db import Store
+    from tokentop.collectors.base import utcnow
+    from tokentop.store import sessions
+    from tokentop.store.db import Store
 
     args = ctx.args
     command = args.session_command
@@ -251,7 +251,7 @@ def _session(ctx: Any) -> int:
 
 
 def _list(store: Any, now: Any, as_json: bool) -> int:
-    from store import sessions
+    from tokentop.store import sessions
 
     rows: list[dict[str, Any]] = []
     for s in sessions.list_sessions(store):
@@ -329,7 +329,7 @@ def _print_snapshot(d: dict[str, Any]) -> None:
 
 
 def _diff(store: Any, now: Any, args: argparse.Namespace) -> int:
-    from store import sessions
+    from tokentop.store import sessions
 
     a = sessions.snapshot(store, sessions.get_session(store, args.a), now)
     b = sessions.snapshot(store, sessions.get_session(store, args.b), now)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from textual.message import Message
 
-from tui.snapshot import Snapshot
+from tokentop.tui.snapshot import Snapshot
 
 
 class SnapshotReady(Message):

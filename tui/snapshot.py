@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
 
-from store import queries, request_queries
-from store.db import Store
-from store.queries import (
+from tokentop.store import queries, request_queries
+from tokentop.store.db import Store
+from tokentop.store.queries import (
     CostRow,
     GpuOverview,
     MixRow,
@@ -21,8 +21,8 @@ from store.queries import (
     SpendSummary,
     Totals,
 )
-from store.records import SourceHealth
-from store.request_queries import RequestStats
+from tokentop.store.records import SourceHealth
+from tokentop.store.request_queries import RequestStats
 
 WINDOWS: dict[str, int] = {
     "15m": 15 * 60,

@@ -8,12 +8,6 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from collectors.anthropic import AnthropicCollector
-from collectors.base import PollContext
-from collectors.config import ProviderConfig
-from collectors.http import AdminApiCollector
-from collectors.openai import OpenAICollector
-from store.records import Batch, BilledCost, UsageBucket
 from tests.fakes.provider_server import (
     ANTHROPIC_KEY,
     OPENAI_KEY,
@@ -22,6 +16,12 @@ from tests.fakes.provider_server import (
     Fault,
     RecordedRequest,
 )
+from tokentop.collectors.anthropic import AnthropicCollector
+from tokentop.collectors.base import PollContext
+from tokentop.collectors.config import ProviderConfig
+from tokentop.collectors.http import AdminApiCollector
+from tokentop.collectors.openai import OpenAICollector
+from tokentop.store.records import Batch, BilledCost, UsageBucket
 
 __all__ = [
     "ANTHROPIC_KEY",

@@ -4,8 +4,8 @@
     python tests/fakes/run_with_fake_nvml.py SPEC.json -- collect --once
 
 ``SPEC.json`` is described in :mod:`tests.fakes.nvml` (``{"gpus": [{...}, {...}]}``). The fake
-is installed into the real ``pynvml`` module before ``tui.cli.main`` runs, so the shipped code
-carries no test hook. The exit status is ``main``'s.
+is installed into the real ``pynvml`` module before ``tokentop.tui.cli.main`` runs, so the shipped
+code carries no test hook. The exit status is ``main``'s.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     from tests.fakes.nvml import FakeNvml
 
     FakeNvml.from_file(spec).install()
-    from tui.cli import main as tokentop
+    from tokentop.tui.cli import main as tokentop
 
     return tokentop(rest)
 

@@ -12,13 +12,13 @@ from textual.content import Content
 from textual.widget import Widget
 from textual.widgets import Static
 
-from tui.snapshot import Snapshot
-from tui.widgets.freshness import FreshnessBadge
-from tui.widgets.quiet import update_static
+from tokentop.tui.snapshot import Snapshot
+from tokentop.tui.widgets.freshness import FreshnessBadge
+from tokentop.tui.widgets.quiet import update_static
 
 
 class Pane(Vertical):
-    """A bordered pane fed by :class:`~tui.snapshot.Snapshot` objects.
+    """A bordered pane fed by :class:`~tokentop.tui.snapshot.Snapshot` objects.
 
     Subclasses set ``PANE_ID`` and ``TITLE``, yield their widgets from :meth:`compose_body` and
     copy values in :meth:`apply`, which runs on the event loop inside a batch update.

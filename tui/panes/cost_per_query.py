@@ -9,12 +9,12 @@ from textual.content import Content
 from textual.widget import Widget
 from textual.widgets import Static
 
-from store.queries import CostRow
-from tui import format as fmt
-from tui.panes.base import Pane
-from tui.snapshot import Snapshot
-from tui.widgets.quiet import update_static
-from tui.widgets.table import Role, ThemedTable
+from tokentop.store.queries import CostRow
+from tokentop.tui import format as fmt
+from tokentop.tui.panes.base import Pane
+from tokentop.tui.snapshot import Snapshot
+from tokentop.tui.widgets.quiet import update_static
+from tokentop.tui.widgets.table import Role, ThemedTable
 
 GROUP_LABELS = {"model": "Model", "project": "Project", "api_key": "API key", "tag": "Tag"}
 """Column heading of the first column for each grouping."""

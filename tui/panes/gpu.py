@@ -9,11 +9,11 @@ from textual.content import Content
 from textual.widget import Widget
 from textual.widgets import Sparkline, Static
 
-from store.queries import GpuDevice
-from tui import format as fmt
-from tui.panes.base import Pane
-from tui.snapshot import Snapshot
-from tui.widgets.quiet import update_static
+from tokentop.store.queries import GpuDevice
+from tokentop.tui import format as fmt
+from tokentop.tui.panes.base import Pane
+from tokentop.tui.snapshot import Snapshot
+from tokentop.tui.widgets.quiet import update_static
 
 FIG = 8
 

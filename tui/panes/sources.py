@@ -10,12 +10,12 @@ from textual.content import Content
 from textual.widget import Widget
 from textual.widgets import Static
 
-from store.records import SourceHealth
-from tui import format as fmt
-from tui.panes.base import Pane
-from tui.snapshot import Snapshot
-from tui.widgets.quiet import update_static
-from tui.widgets.table import Role, ThemedTable
+from tokentop.store.records import SourceHealth
+from tokentop.tui import format as fmt
+from tokentop.tui.panes.base import Pane
+from tokentop.tui.snapshot import Snapshot
+from tokentop.tui.widgets.quiet import update_static
+from tokentop.tui.widgets.table import Role, ThemedTable
 
 COLUMNS: tuple[tuple[str, str, int, bool], ...] = (
     ("name", "Source", 14, False),

@@ -7,8 +7,8 @@ from datetime import datetime
 from textual.reactive import reactive
 from textual.widgets import Static
 
-from tui.format import age
-from tui.widgets.quiet import update_static
+from tokentop.tui.format import age
+from tokentop.tui.widgets.quiet import update_static
 
 
 class FreshnessBadge(Static):

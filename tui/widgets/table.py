@@ -12,7 +12,7 @@ from typing import ClassVar, Literal
 from rich.text import Text
 from textual.widgets import DataTable
 
-from tui.widgets.quiet import content_key
+from tokentop.tui.widgets.quiet import content_key
 
 Role = Literal["", "error", "warning", "success", "accent", "muted", "bold"]
 

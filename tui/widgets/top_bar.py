@@ -7,7 +7,7 @@ from textual.containers import Horizontal
 from textual.content import Content
 from textual.widgets import Static
 
-from tui.widgets.quiet import update_static
+from tokentop.tui.widgets.quiet import update_static
 
 
 class TopBar(Horizontal):
