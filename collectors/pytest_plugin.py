@@ -1,7 +1,9 @@
 """The tokentop pytest plugin (``pytest --tokentop``): per-test LLM cost.
 
-Off unless ``--tokentop`` is given (only the ``llm_budget`` marker is always registered, so that
-``--strict-markers`` accepts it). When on:
+A good guest in every environment tokentop is installed into: loading it imports only the standard
+library (pytest loads it from the ``pytest11`` entry point; ``-p no:tokentop`` turns it off), and
+it changes nothing until ``--tokentop`` is given or a collected test carries the ``llm_budget``
+marker (the marker is always registered, so that ``--strict-markers`` accepts it). When on:
 
 - **How calls are metered.** For the whole session the plugin patches the default transports of
   ``httpx`` and ``httpx2`` (``HTTPTransport.handle_request`` and
@@ -25,14 +27,16 @@ Off unless ``--tokentop`` is given (only the ``llm_budget`` marker is always reg
 - ``--tokentop-db PATH`` also records every request in a tokentop database (tagged with the test
   id), for the TUI, ``tokentop report`` and sessions.
 
-Not supported: aggregating across ``pytest-xdist`` workers (each worker reports its own tests).
+- **pytest-xdist.** Each worker meters its own tests and enforces their markers; at the end it
+  hands its figures to the controller (``workeroutput``), which prints one table for the whole
+  run and applies ``--tokentop-budget``, ``--tokentop-baseline`` and ``--tokentop-json`` to it.
 """
 
 from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
@@ -42,6 +46,8 @@ from typing import Any
 import pytest
 
 MARKER = "llm_budget"
+PLUGIN_NAME = "tokentop-meter"
+WORKER_KEY = "tokentop"
 OUTSIDE = "(outside tests)"
 JSON_VERSION = 1
 
@@ -92,12 +98,47 @@ def pytest_configure(config: pytest.Config) -> None:
                 flag = "--tokentop-" + name.replace("_", "-")
                 raise pytest.UsageError(f"{flag} needs --tokentop")
         return
-    config.pluginmanager.register(TokentopPlugin(config), "tokentop-meter")
+    _activate(config)
+
+
+def _is_xdist_controller(config: pytest.Config) -> bool:
+    """True in the process that hands tests to pytest-xdist workers and runs none itself."""
+    return not hasattr(config, "workerinput") and getattr(config.option, "dist", "no") != "no"
+
+
+def _activate(config: pytest.Config) -> TokentopPlugin:
+    """The session's plugin instance, registered on first use."""
+    plugin = config.pluginmanager.get_plugin(PLUGIN_NAME)
+    if isinstance(plugin, TokentopPlugin):
+        return plugin
+    plugin = TokentopPlugin(config, meter=not _is_xdist_controller(config))
+    config.pluginmanager.register(plugin, PLUGIN_NAME)
+    return plugin
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(
+    session: pytest.Session, config: pytest.Config, items: list[pytest.Item]
+) -> None:
+    """Without ``--tokentop``, a test that carries ``llm_budget`` still gets its budget enforced:
+    metering starts for the run (after collection, before the first test)."""
+    if config.getoption("tokentop"):
+        return
+    if any(item.get_closest_marker(MARKER) is not None for item in items):
+        _activate(config)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: object) -> None:
+    """pytest-xdist, in the controller: a worker finished; add its figures to the run's."""
+    results = getattr(node, "workeroutput", {}).get(WORKER_KEY)
+    if results:
+        _activate(node.config).merge(results)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
     """Stop metering."""
-    plugin = config.pluginmanager.get_plugin("tokentop-meter")
+    plugin = config.pluginmanager.get_plugin(PLUGIN_NAME)
     if isinstance(plugin, TokentopPlugin):
         plugin.close()
         config.pluginmanager.unregister(plugin)
@@ -149,6 +190,29 @@ class TestCost:
         priced = self.requests - self.unpriced
         return self.cost / priced if priced else None
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TestCost:
+        """The inverse of :meth:`as_dict` (how xdist workers hand figures to the controller)."""
+        return cls(
+            requests=int(data["requests"]),
+            input_tokens=int(data["input_tokens"]),
+            output_tokens=int(data["output_tokens"]),
+            cost_nano=int(data["cost_nano"]),
+            unpriced=int(data["unpriced_requests"]),
+            estimated=int(data["estimated_requests"]),
+            models=set(data["models"]),
+        )
+
+    def add(self, other: TestCost) -> None:
+        """Add another set of figures to these."""
+        self.requests += other.requests
+        self.input_tokens += other.input_tokens
+        self.output_tokens += other.output_tokens
+        self.cost_nano += other.cost_nano
+        self.unpriced += other.unpriced
+        self.estimated += other.estimated
+        self.models |= other.models
+
     def as_dict(self) -> dict[str, Any]:
         per = self.cost_per_request
         return {
@@ -167,7 +231,9 @@ class TestCost:
 class TokentopPlugin:
     """The plugin's state for one pytest session."""
 
-    def __init__(self, config: pytest.Config) -> None:
+    def __init__(self, config: pytest.Config, *, meter: bool = True) -> None:
+        """Read the options and, unless ``meter`` is false (an xdist controller, which runs no
+        test), install the meter."""
         from tokentop.collectors.config import ConfigError, load_config
         from tokentop.collectors.meter import Meter, Recorder, install
         from tokentop.pricing.book import PriceBook
@@ -199,8 +265,12 @@ class TokentopPlugin:
         self._pending: list[tuple[str, Any]] = []
         self._lock = threading.Lock()
         self._budget_failed: set[str] = set()
-        self.meter = Meter([self._collect], default_tag=lambda: self.current or "")
+        self.worker = hasattr(config, "workerinput")
         self.recorder: Recorder | None = None
+        self._uninstall: Callable[[], None] = lambda: None
+        if not meter:
+            return
+        self.meter = Meter([self._collect], default_tag=lambda: self.current or "")
         db = config.getoption("tokentop_db")
         if db is not None:
             self.recorder = Recorder(Path(db), self.book, health_name="pytest")
@@ -291,6 +361,11 @@ class TokentopPlugin:
 
     def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
         self.settle()
+        if self.worker:
+            # The controller applies the run-wide gates and prints the table.
+            output: dict[str, Any] = getattr(self.config, "workeroutput", {})
+            output[WORKER_KEY] = {n: c.as_dict() for n, c in self.results.items()}
+            return
         total = self.total()
         if self.budget is not None and total.cost > self.budget:
             over = total.cost - self.budget
@@ -310,14 +385,13 @@ class TokentopPlugin:
         """All tests together."""
         total = TestCost()
         for cost in self.results.values():
-            total.requests += cost.requests
-            total.input_tokens += cost.input_tokens
-            total.output_tokens += cost.output_tokens
-            total.cost_nano += cost.cost_nano
-            total.unpriced += cost.unpriced
-            total.estimated += cost.estimated
-            total.models |= cost.models
+            total.add(cost)
         return total
+
+    def merge(self, results: dict[str, dict[str, Any]]) -> None:
+        """Add an xdist worker's per-test figures."""
+        for nodeid, data in results.items():
+            self.results.setdefault(nodeid, TestCost()).add(TestCost.from_dict(data))
 
     def _compare(self, baseline: dict[str, Any], total: TestCost) -> None:
         old_tests: dict[str, Any] = baseline.get("tests", {})
@@ -361,6 +435,8 @@ class TokentopPlugin:
             self.failures.append(f"--tokentop-json: cannot write {self.json_path}: {exc.strerror}")
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        if self.worker:
+            return
         tr = terminalreporter
         tr.write_sep("=", "tokentop: LLM cost per test")
         rows = sorted(self.results.items(), key=lambda kv: (-kv[1].cost_nano, kv[0]))

@@ -205,21 +205,82 @@ def test_baseline_comparison_and_max_increase(
     assert relaxed.ret == 0
 
 
-def test_off_without_the_flag(pytester: pytest.Pytester, upstream: FakeUpstream) -> None:
+def test_off_without_the_flag_or_a_marker(
+    pytester: pytest.Pytester, upstream: FakeUpstream
+) -> None:
     pytester.makepyfile(
         test_off=header(upstream)
         + """
 import httpx
 
-@pytest.mark.llm_budget(usd=0)
-def test_marker_known_and_nothing_patched():
+def test_nothing_patched():
     chat()
     assert httpx.HTTPTransport.handle_request.__module__.startswith("httpx")
 """
     )
     result = run(pytester, "--strict-markers")
     result.assert_outcomes(passed=1)
-    assert "LLM cost per test" not in result.stdout.str()
+    assert "LLM cost" not in result.stdout.str()
     misuse = run(pytester, "--tokentop-budget=1")
     assert misuse.ret == pytest.ExitCode.USAGE_ERROR
     misuse.stderr.fnmatch_lines(["*--tokentop-budget needs --tokentop*"])
+    disabled = run(pytester, "-p", "no:tokentop", "--strict-markers")
+    disabled.assert_outcomes(passed=1)
+
+
+def test_a_budget_marker_is_enforced_without_the_flag(
+    pytester: pytest.Pytester, upstream: FakeUpstream, one_call: Decimal
+) -> None:
+    pytester.makepyfile(
+        test_marked=header(upstream)
+        + """
+@pytest.mark.llm_budget(usd=0)
+def test_over():
+    chat()
+
+def test_unmarked():
+    chat()
+"""
+    )
+    result = run(pytester, "--strict-markers")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            f"*llm_budget exceeded by {usd(one_call)}*",
+            "*tokentop: LLM cost per test*",
+            f"TOTAL * 2 * 2,400 * 600 * {usd(2 * one_call)} *",
+        ]
+    )
+
+
+def test_xdist_workers_figures_make_one_table(
+    pytester: pytest.Pytester, upstream: FakeUpstream, one_call: Decimal, tmp_path: Path
+) -> None:
+    pytest.importorskip("xdist")
+    pytester.makepyfile(
+        test_par=header(upstream)
+        + "".join(f"\ndef test_{i}():\n    chat({i % 2 + 1})\n" for i in range(6))
+    )
+    out = tmp_path / "cost.json"
+    # A subprocess: xdist's workers are processes of their own.
+    result = pytester.runpytest_subprocess(
+        "-p",
+        "no:cacheprovider",
+        "-n",
+        "2",
+        "--tokentop",
+        f"--tokentop-json={out}",
+        "--tokentop-budget=1",
+    )
+    result.assert_outcomes(passed=6)
+    nine = usd(9 * one_call)
+    result.stdout.fnmatch_lines(
+        [
+            "*tokentop: LLM cost per test*",
+            f"TOTAL * 9 * 10,800 * 2,700 * {nine} *",
+            f"budget: {nine} of $1.00 (within --tokentop-budget)",
+        ]
+    )
+    data = json.loads(out.read_text())
+    assert len(data["tests"]) == 6
+    assert data["total"]["cost_nano"] == 9 * int(one_call * 1_000_000_000)

@@ -142,6 +142,17 @@ class TokentopApp(App[None]):
         Binding("z", "zoom", "Zoom", id="zoom", tooltip="Show one pane full screen, in turn"),
         Binding("question_mark", "help", "Help", id="help", tooltip="List the keys"),
         Binding("q", "quit", "Quit", id="quit", tooltip="Quit tokentop"),
+        # As in htop, nvitop and k9s (Textual's default only says how to quit); priority, so
+        # that it quits from the filter box too. ctrl+q stays Textual's quit.
+        Binding(
+            "ctrl+c",
+            "quit",
+            "Quit",
+            show=False,
+            priority=True,
+            id="quit-ctrl-c",
+            tooltip="Quit tokentop",
+        ),
     ]
 
     window: reactive[str] = reactive("1h", init=False)

@@ -19,6 +19,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any, NoReturn
 
+from tokentop import __version__
 from tokentop.collectors.base import utcnow
 from tokentop.collectors.config import Config, ConfigError, default_db_path, load_config
 from tokentop.pricing.book import PriceBook, TokenCounts
@@ -116,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Live LLM unit economics in the terminal.",
         parents=[_common(suppress=False)],
     )
+    parser.add_argument("--version", action="version", version=f"tokentop {__version__}")
     parser.add_argument(
         "--window",
         default="1h",
