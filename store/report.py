@@ -16,6 +16,7 @@ from typing import Any
 
 from tokentop.store import queries
 from tokentop.store.db import Store
+from tokentop.store.text import csv_cell, csv_comment, md_cell
 
 FORMATS = ("json", "csv", "md")
 """Text formats rendered here; ``svg`` is a picture of the screen, made by the app."""
@@ -241,17 +242,18 @@ def _csv(report: dict[str, Any]) -> str:
         f" {len(report['prices']['overrides'])} override(s)",
     ]
     for ref in report["prices"]["refs"]:
-        lines.append(f"# price used: {ref}")
+        lines.append(f"# price used: {csv_comment(ref)}")
     for s in report["sources"]:
+        error = f", last error: {csv_comment(s['last_error'])}" if s["last_error"] else ""
         lines.append(
-            f"# source {s['name']}: {s['state']}, last success {s['last_success']},"
-            f" lag {s['lag_s']} s{', last error: ' + s['last_error'] if s['last_error'] else ''}"
+            f"# source {csv_comment(s['name'])}: {csv_comment(s['state'])},"
+            f" last success {s['last_success']}, lag {s['lag_s']} s{error}"
         )
     out.write("\n".join(lines) + "\n")
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(_CSV_COLUMNS)
     for row in report["by_model"]:
-        writer.writerow(["" if row[c] is None else row[c] for c in _CSV_COLUMNS])
+        writer.writerow(["" if row[c] is None else csv_cell(row[c]) for c in _CSV_COLUMNS])
     return out.getvalue()
 
 
@@ -286,14 +288,17 @@ def _markdown(report: dict[str, Any]) -> str:
     ]
     for r in report["by_model"]:
         lines.append(
-            f"| {r['provider']} | {r['model']} | {r['requests']:,} | {r['input_tokens']:,} |"
+            f"| {md_cell(r['provider'])} | {md_cell(r['model'])} | {r['requests']:,} |"
+            f" {r['input_tokens']:,} |"
             f" {r['cached_input_tokens']:,} | {r['cache_write_tokens']:,} |"
             f" {r['output_tokens']:,} | {_money(r['cost_usd'], not r['priced'])} |"
             f" {_money(r['cost_per_request_usd'], not r['priced'])} |"
         )
     if report["unpriced"]:
         lines += ["", "Unpriced models (tokens counted, cost unknown):", ""]
-        lines += [f"- {model}: {tokens:,} tokens" for model, tokens in report["unpriced"].items()]
+        lines += [
+            f"- {md_cell(model)}: {tokens:,} tokens" for model, tokens in report["unpriced"].items()
+        ]
     if report["by_provider"]:
         lines += [
             "",
@@ -304,7 +309,8 @@ def _markdown(report: dict[str, Any]) -> str:
         ]
         for p in report["by_provider"]:
             lines.append(
-                f"| {p['provider']} | {_money(p['estimated_usd'])} | {_money(p['billed_usd'])} |"
+                f"| {md_cell(p['provider'])} | {_money(p['estimated_usd'])} |"
+                f" {_money(p['billed_usd'])} |"
                 f" {_money(p['gap_usd'])} |"
             )
     gpu = report["gpu"]
@@ -318,8 +324,9 @@ def _markdown(report: dict[str, Any]) -> str:
         ]
         for d in gpu["devices"]:
             lines.append(
-                f"| {d['index']} | {d['name']} | {_money(d['cost_usd'])} |"
-                f" {_money(d['idle_cost_usd'])} | {_money(d['usd_per_hour'])} | {d['cost_basis']} |"
+                f"| {d['index']} | {md_cell(d['name'])} | {_money(d['cost_usd'])} |"
+                f" {_money(d['idle_cost_usd'])} | {_money(d['usd_per_hour'])} |"
+                f" {md_cell(d['cost_basis'])} |"
             )
         lines.append("")
         lines.append(
@@ -335,9 +342,13 @@ def _markdown(report: dict[str, Any]) -> str:
     ]
     for s in report["sources"]:
         lines.append(
-            f"| {s['name']} | {s['kind']} | {s['state']} | {s['last_success'] or 'never'} |"
-            f" {'' if s['lag_s'] is None else str(s['lag_s']) + ' s'} | {s['last_error']} |"
+            f"| {md_cell(s['name'])} | {md_cell(s['kind'])} | {md_cell(s['state'])} |"
+            f" {s['last_success'] or 'never'} |"
+            f" {'' if s['lag_s'] is None else str(s['lag_s']) + ' s'} |"
+            f" {md_cell(s['last_error'])} |"
         )
     if report["prices"]["refs"]:
-        lines += ["", "## Prices used", ""] + [f"- {ref}" for ref in report["prices"]["refs"]]
+        lines += ["", "## Prices used", ""] + [
+            f"- {md_cell(ref)}" for ref in report["prices"]["refs"]
+        ]
     return "\n".join(lines) + "\n"

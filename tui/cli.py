@@ -24,12 +24,21 @@ from tokentop.collectors.base import utcnow
 from tokentop.collectors.config import Config, ConfigError, default_db_path, load_config
 from tokentop.pricing.book import PriceBook, TokenCounts
 from tokentop.store.records import usd_to_nano
+from tokentop.store.text import clean
 
 USAGE_ERROR = 2
 FAILURE = 1
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+class _CleanFormatter(logging.Formatter):
+    """Log lines carry error bodies and names from outside: escape their control characters
+    (a traceback, added after the message, keeps its own lines)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return clean(super().formatMessage(record))
 
 
 class UsageError(Exception):
@@ -184,10 +193,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
     try:
         args = build_parser().parse_args(argv)
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(_CleanFormatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
         logging.basicConfig(
-            level=logging.INFO if args.verbose else logging.CRITICAL,
-            format="%(asctime)s %(name)s %(levelname)s %(message)s",
-            stream=sys.stderr,
+            level=logging.INFO if args.verbose else logging.CRITICAL, handlers=[handler]
         )
         ctx = _context(args)
         from tokentop.tui import cli_meter
@@ -204,7 +213,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         }[command]
         return handler(ctx)
     except (UsageError, ConfigError) as exc:
-        print(f"tokentop: error: {exc}", file=sys.stderr)
+        print(f"tokentop: error: {clean(exc)}", file=sys.stderr)
         return USAGE_ERROR
     except KeyboardInterrupt:
         return 130
@@ -295,7 +304,7 @@ def _collect(ctx: _Context) -> int:
             for name, ok in results.items():
                 h = health.get(name)
                 status = "ok" if ok else f"{h.state if h else 'error'}: {h.last_error if h else ''}"
-                print(f"{name}: {status}", file=sys.stderr)
+                print(f"{clean(name)}: {clean(status)}", file=sys.stderr)
                 # A GPU source tried on the off chance is no failure on a machine without GPUs.
                 merely_absent = name in optional and h is not None and h.state == "unavailable"
                 failed = failed or not (ok or merely_absent)
@@ -507,8 +516,8 @@ def _sources(ctx: _Context) -> int:
         age = "never" if r["age_s"] is None else f"{_age(r['age_s'])} ago"
         lag = "" if r["lag_s"] is None else _age(r["lag_s"])
         print(
-            f"{r['name']:<14} {r['kind']:<10} {r['state']:<13} {age:<14} {lag:>8} "
-            f"{r['calls_last_hour']:>7}  {r['last_error']}"
+            f"{clean(r['name']):<14} {clean(r['kind']):<10} {clean(r['state']):<13} {age:<14}"
+            f" {lag:>8} {r['calls_last_hour']:>7}  {clean(r['last_error'])}"
         )
     return 0
 

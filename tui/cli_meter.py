@@ -25,6 +25,8 @@ from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
 
+from tokentop.store.text import clean
+
 FAILURE = 1
 
 
@@ -281,17 +283,17 @@ def _list(store: Any, now: Any, as_json: bool) -> int:
         state = "open" if r["open"] else "stopped"
         started = r["start"][:19].replace("T", " ")
         print(
-            f"{r['name']:<24} {started:<20} {state:<8} {r['requests']:>9,}"
-            f" {_money(r['cost_per_request_usd']):>14}  {r['tag']}"
+            f"{clean(r['name']):<24} {started:<20} {state:<8} {r['requests']:>9,}"
+            f" {_money(r['cost_per_request_usd']):>14}  {clean(r['tag'])}"
         )
     return 0
 
 
 def _print_snapshot(d: dict[str, Any]) -> None:
     state = "open" if d["open"] else "stopped"
-    print(f"session {d['session']} ({state}) {d['start']} .. {d['end']}")
+    print(f"session {clean(d['session'])} ({state}) {d['start']} .. {d['end']}")
     if d["tag"]:
-        print(f"  tag                {d['tag']}")
+        print(f"  tag                {clean(d['tag'])}")
     print(f"  requests           {d['requests']:,}", end="")
     notes = []
     if d["unpriced_requests"]:
@@ -316,7 +318,7 @@ def _print_snapshot(d: dict[str, Any]) -> None:
         for m in d["models"]:
             share = m["cost_share"]
             print(
-                f"    {m['provider'] + '/' + m['model']:<40} {m['requests']:>7,} req"
+                f"    {clean(m['provider'] + '/' + m['model']):<40} {m['requests']:>7,} req"
                 f"  {_money(m['cost_usd']) if m['priced'] else 'unpriced':>14}"
                 f"  {'' if share is None else f'{share:.0%} of cost'}"
             )

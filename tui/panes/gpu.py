@@ -10,6 +10,7 @@ from textual.widget import Widget
 from textual.widgets import Sparkline, Static
 
 from tokentop.store.queries import GpuDevice
+from tokentop.store.text import clean
 from tokentop.tui import format as fmt
 from tokentop.tui.panes.base import Pane
 from tokentop.tui.snapshot import Snapshot
@@ -55,9 +56,9 @@ class GpuPane(Pane):
             if source is None:
                 reason = Content.styled("no GPU source configured", muted)
             else:
-                why = source.last_error or source.detail or f"state {source.state}"
+                why = clean(source.last_error or source.detail or f"state {source.state}")
                 reason = Content.assemble(
-                    (f"{source.name}: ", "bold"),
+                    (f"{clean(source.name)}: ", "bold"),
                     (why, "$warning" if source.last_error else muted),
                 )
             lines.append(Content.assemble(("no GPU data — ", muted), reason))
@@ -70,7 +71,7 @@ class GpuPane(Pane):
                 )
             )
             for d in g.devices:
-                label = f"{d.index} {d.name or d.device}"
+                label = clean(f"{d.index} {d.name or d.device}")
                 label = label if len(label) <= name_w else label[: name_w - 1] + "…"
                 util = "n/a" if d.util_pct is None else f"{d.util_pct:.0f}%"
                 power = "n/a" if d.power_w is None else f"{d.power_w:.0f}W"
@@ -96,7 +97,7 @@ class GpuPane(Pane):
                 )
             )
             for e in g.endpoints:
-                label = f"{e.endpoint}" + (f" ({e.kind})" if e.kind else "")
+                label = clean(f"{e.endpoint}" + (f" ({e.kind})" if e.kind else ""))
                 label = label if len(label) <= name_w else label[: name_w - 1] + "…"
                 lines.append(
                     Content.assemble(

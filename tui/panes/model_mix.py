@@ -9,6 +9,7 @@ from textual.content import Content
 from textual.widget import Widget
 from textual.widgets import Static
 
+from tokentop.store.text import clean
 from tokentop.tui import format as fmt
 from tokentop.tui.panes.base import Pane
 from tokentop.tui.snapshot import Snapshot
@@ -54,7 +55,8 @@ class ModelMixPane(Pane):
             )
         ]
         for r in rows:
-            name = r.model if len(r.model) <= name_w else r.model[: name_w - 1] + "…"
+            model = clean(r.model)
+            name = model if len(model) <= name_w else model[: name_w - 1] + "…"
             if r.priced:
                 spend = Content.assemble(
                     (fmt.bar(r.cost_share, bar_w), "$accent on $foreground 8%"),

@@ -12,6 +12,7 @@ from typing import ClassVar, Literal
 from rich.text import Text
 from textual.widgets import DataTable
 
+from tokentop.store.text import clean
 from tokentop.tui.widgets.quiet import content_key
 
 Role = Literal["", "error", "warning", "success", "accent", "muted", "bold"]
@@ -51,7 +52,7 @@ class ThemedTable(DataTable[Text]):
     def cell(self, text: str, role: Role = "", *, right: bool = False) -> Text:
         """A cell of ``text`` in the colour of ``role``, right-aligned for figures."""
         style = self.get_component_rich_style(f"themed--{role}", partial=True) if role else ""
-        return Text(text, style=style, justify="right" if right else "left", no_wrap=True)
+        return Text(clean(text), style=style, justify="right" if right else "left", no_wrap=True)
 
     def set_cell(self, row_key: str, column_key: str, value: Text) -> None:
         """``update_cell`` unless the cell already holds exactly ``value`` (saves a repaint)."""

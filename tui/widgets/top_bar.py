@@ -7,6 +7,7 @@ from textual.containers import Horizontal
 from textual.content import Content
 from textual.widgets import Static
 
+from tokentop.store.text import clean
 from tokentop.tui.widgets.quiet import update_static
 
 
@@ -46,7 +47,7 @@ class TopBar(Horizontal):
         """Redraw from the app's state."""
         label_widget = self.query_one("#top-label", Static)
         label_widget.display = bool(label)
-        update_static(label_widget, label)
+        update_static(label_widget, clean(label))
         parts = [
             Content.from_markup("[reverse $accent] $w [/]", w=w)
             if w == window
@@ -59,9 +60,9 @@ class TopBar(Horizontal):
         )
         state: list[Content] = []
         if text:
-            state.append(Content.from_markup("filter [b $accent]$t[/]", t=text))
+            state.append(Content.from_markup("filter [b $accent]$t[/]", t=clean(text)))
         if error:
-            state.append(Content.from_markup("[b $error]$e[/]", e=error))
+            state.append(Content.from_markup("[b $error]$e[/]", e=clean(error)))
         if paused:
             state.append(Content.from_markup("[reverse b $warning] PAUSED [/]"))
         update_static(self.query_one("#top-state", Static), Content(" · ").join(state))
