@@ -62,18 +62,42 @@ def _filter_sql(text: str, columns: tuple[str, ...]) -> tuple[str, list[Any]]:
     return f" AND ({clause})", [f"%{escaped}%"] * len(columns)
 
 
+METER_KIND = "meter"
+"""The health ``kind`` of the per-request meter's writers (proxy, httpx meter, pytest plugin)."""
+_METER_SOURCES = f"SELECT name FROM source WHERE kind = '{METER_KIND}'"
+_COVERED_PROVIDERS = f"SELECT DISTINCT provider FROM series WHERE source NOT IN ({_METER_SOURCES})"
+_SCOPES = {
+    # A dollar is counted once: the admin APIs (and the demo, which stands in for them) report
+    # the whole organisation, so the meter's records of a provider they cover are already in
+    # their totals. Metered usage counts only for providers that no other source covers.
+    "counted": f"(source NOT IN ({_METER_SOURCES}) OR provider NOT IN ({_COVERED_PROVIDERS}))",
+    # The metered part of the counted totals ("of which metered"), attributed by tag or test.
+    "metered": f"(source IN ({_METER_SOURCES}) AND provider IN ({_COVERED_PROVIDERS}))",
+    "all": "1",
+}
+SCOPES = tuple(_SCOPES)
+"""``counted`` (the default: each dollar once), ``metered`` (the meter's overlap with the admin
+sources) or ``all`` (every source's rows, overlaps added: for audits only)."""
+
+
 def usage_rows(
-    start: datetime, end: datetime, text: str = "", rollup: bool = True, days: bool = True
+    start: datetime,
+    end: datetime,
+    text: str = "",
+    rollup: bool = True,
+    days: bool = True,
+    scope: str = "counted",
 ) -> tuple[str, list[Any]]:
     """A subquery of usage rows in the window (fine and rolled-up parts), and its parameters.
 
     Its columns: ``start``, ``source``, ``provider``, ``model``, every usage dimension,
     ``priced`` and the sums. ``rollup=False`` reads only the fine table, for groupings finer than
-    an hour; ``days=False`` no daily rows, for groupings finer than a UTC day.
+    an hour; ``days=False`` no daily rows, for groupings finer than a UTC day. ``scope`` says
+    which sources' rows: see :data:`SCOPES`.
     """
     where, fparams = _filter_sql(text, ("provider", "model", "project", "tag", "api_key"))
-    if where:  # filter the (small) series table once, not every usage row
-        where = f" AND u.series_id IN (SELECT id FROM series WHERE 1{where})"
+    # Filter the (small) series table once, not every usage row.
+    where = f" AND u.series_id IN (SELECT id FROM series WHERE {_SCOPES[scope]}{where})"
     pieces: list[str] = []
     params: list[Any] = []
     for level, lo, hi in _parts(to_epoch(start), to_epoch(end), rollup, days):
@@ -142,9 +166,11 @@ def _totals(row: Any, offset: int = 0) -> Totals:
     return Totals(nano_to_usd(values[0]), *values[1:])
 
 
-def totals(store: Store, start: datetime, end: datetime, text: str = "") -> Totals:
-    """Usage totals in ``[start, end)``."""
-    sub, params = usage_rows(start, end, text)
+def totals(
+    store: Store, start: datetime, end: datetime, text: str = "", scope: str = "counted"
+) -> Totals:
+    """Usage totals in ``[start, end)`` (of the sources ``scope`` names, each dollar once)."""
+    sub, params = usage_rows(start, end, text, scope=scope)
     row = store.query(f"SELECT {_TOTAL_SELECT} FROM ({sub})", params)[0]
     return _totals(row)
 
@@ -379,6 +405,31 @@ def price_refs(store: Store, start: datetime, end: datetime) -> list[str]:
 
 
 @dataclass(frozen=True, slots=True)
+class PriceRefUsage:
+    """The usage one price reference (one rule: list, a tier's price, a flagged fallback)
+    priced in a window."""
+
+    price_ref: str
+    tokens: int
+    requests: int
+    cost: Decimal
+
+
+def usage_by_price_ref(store: Store, start: datetime, end: datetime) -> list[PriceRefUsage]:
+    """Tokens, requests and cost of a window by the price reference that priced them (fine
+    table only, as :func:`price_refs`), dearest first."""
+    rows = store.query(
+        "SELECT price_ref, SUM(input_uncached + cache_read + cache_write_5m + cache_write_1h"
+        " + output), SUM(requests), SUM(cost_nano) FROM usage"
+        " WHERE start >= ? AND start < ? AND price_ref != '' GROUP BY price_ref",
+        (to_epoch(start), to_epoch(end)),
+    )
+    out = [PriceRefUsage(r[0], r[1] or 0, r[2] or 0, nano_to_usd(r[3] or 0)) for r in rows]
+    out.sort(key=lambda u: (-u.cost, u.price_ref))
+    return out
+
+
+@dataclass(frozen=True, slots=True)
 class ProviderDay:
     """Estimated (tokens x prices) beside billed cost for one provider and UTC day."""
 
@@ -424,6 +475,21 @@ def billed_vs_estimated(store: Store, start: datetime, end: datetime) -> list[Pr
     ]
     days.sort(key=lambda x: (x.provider, x.day))
     return days
+
+
+def total_sources(store: Store, start: datetime, end: datetime) -> dict[str, dict[str, list[str]]]:
+    """Per provider with usage in the window: the sources its totals come from (``counted``)
+    and the metered sources whose records are inside those totals, not added (``metered``)."""
+    out: dict[str, dict[str, list[str]]] = {}
+    for scope in ("counted", "metered"):
+        sub, params = usage_rows(start, end, scope=scope)
+        rows = store.query(
+            f"SELECT DISTINCT provider, source FROM ({sub}) ORDER BY provider, source", params
+        )
+        for provider, source in rows:
+            entry = out.setdefault(provider, {"counted": [], "metered": []})
+            entry[scope].append(source)
+    return out
 
 
 def billed_total(store: Store, start: datetime, end: datetime) -> Decimal | None:
@@ -629,6 +695,8 @@ def sources(store: Store, now: datetime) -> list[SourceHealth]:
                 watermark=dt(r["watermark"]),
                 detail=r["detail"],
                 newest_data=dt(r["newest_data"]),
+                # A file opened read-only may predate the column (schema version 2).
+                interval_s=r["interval_s"] if "interval_s" in r.keys() else None,  # noqa: SIM118
             )
         )
     return out

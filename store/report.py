@@ -56,6 +56,7 @@ def build_report(
         gpu_rates: the GPU rates in force, for the record.
     """
     totals = queries.totals(store, start, end)
+    metered = queries.totals(store, start, end, scope="metered")
     by_model = queries.cost_by(store, start, end, "model")
     gpu = queries.gpu_overview(store, start, end)
     sources = queries.sources(store, now)
@@ -85,6 +86,15 @@ def build_report(
         "cached_input_tokens": totals.cache_read,
         "cache_write_tokens": totals.cache_write,
         "output_tokens": totals.output,
+        # A dollar is counted once: where an admin-API source covers a provider, the meter's
+        # records of it are inside these totals (attributed by tag, test, session), not added.
+        "of_which_metered": {
+            "usd": usd(metered.cost),
+            "requests": metered.requests,
+            "input_tokens": metered.input_total,
+            "output_tokens": metered.output,
+        },
+        "total_sources": queries.total_sources(store, start, end),
         "by_model": [
             {
                 "provider": row.provider,
@@ -257,6 +267,22 @@ def _csv(report: dict[str, Any]) -> str:
     return out.getvalue()
 
 
+def _sources_of_totals(report: dict[str, Any]) -> list[str]:
+    """Which source each provider's total comes from, and the metered part inside it."""
+    lines = []
+    for provider, entry in report["total_sources"].items():
+        line = f"- {md_cell(provider)}: from {md_cell(', '.join(entry['counted']) or 'none')}"
+        if entry["metered"]:
+            line += f"; metered by {md_cell(', '.join(entry['metered']))} (inside the total)"
+        lines.append(line)
+    metered = report["of_which_metered"]
+    if metered["requests"]:
+        lines.append(
+            f"- Of which metered: {_money(metered['usd'])} in {metered['requests']:,} requests"
+        )
+    return [*lines, ""] if lines else []
+
+
 def _markdown(report: dict[str, Any]) -> str:
     meta = report["tokentop"]
     w = report["window"]
@@ -280,6 +306,7 @@ def _markdown(report: dict[str, Any]) -> str:
         f" {_money(report['gpu']['cost_usd'])} |"
         f" {_money(report['gpu']['cost_per_inference_usd'])} |",
         "",
+        *_sources_of_totals(report),
         "## By model",
         "",
         "| Provider | Model | Requests | Input | Cached | Cache writes | Output | Cost"
