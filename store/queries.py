@@ -192,7 +192,9 @@ class SpendSummary:
     unpriced_tokens_today: int = 0
     requests_today: int = 0
     spike: bool = False
-    """The 5-minute burn is over three times the 60-minute burn (and material)."""
+    """The 5-minute burn is over three times the 60-minute burn, there is at least an hour of
+    history before the 60-minute window to compare with, and the burn is at least
+    ``spike_floor`` $/h (a few cents in a test run are not a spike)."""
     budget_daily: Decimal | None = None
     budget_monthly: Decimal | None = None
 
@@ -205,14 +207,25 @@ class SpendSummary:
         return max(0.0, float((self.budget_daily - self.today) / burn))
 
 
+PROJECTIONS = {
+    "today": "day at 60-min burn",
+    "month": "month at month-to-date average",
+}
+"""How each projection is made, as the Spend pane and the report label it."""
+
+
 def spend_summary(
     store: Store,
     now: datetime,
     text: str = "",
     budget_daily: Decimal | None = None,
     budget_monthly: Decimal | None = None,
+    spike_floor: Decimal = Decimal(1),
 ) -> SpendSummary:
-    """Spend this hour, today, this month (UTC), burn rates and projections."""
+    """Spend this hour, today, this month (UTC), burn rates and projections.
+
+    The projections have one method each (:data:`PROJECTIONS`): the day at the 60-minute burn,
+    the month at the month-to-date average rate."""
     now = now.astimezone(UTC)
     hour_start = now.replace(minute=0, second=0, microsecond=0)
     day_start = hour_start.replace(hour=0)
@@ -231,7 +244,9 @@ def spend_summary(
     elapsed_month_h = Decimal((now - month_start).total_seconds()) / HOUR
     month_rate = month / elapsed_month_h if elapsed_month_h > 0 else burn[60]
     newest = newest_usage(store, now)
-    spike = burn[5] > 3 * burn[60] and burn[5] > Decimal("0.5")
+    oldest = store.query("SELECT MIN(start) FROM usage")[0][0]
+    history = oldest is not None and oldest <= to_epoch(now) - 2 * HOUR
+    spike = history and burn[5] >= spike_floor and burn[5] > 3 * burn[60]
     return SpendSummary(
         now=now,
         hour=hour,
@@ -413,6 +428,7 @@ class PriceRefUsage:
     tokens: int
     requests: int
     cost: Decimal
+    priced: bool
 
 
 def usage_by_price_ref(store: Store, start: datetime, end: datetime) -> list[PriceRefUsage]:
@@ -420,11 +436,13 @@ def usage_by_price_ref(store: Store, start: datetime, end: datetime) -> list[Pri
     table only, as :func:`price_refs`), dearest first."""
     rows = store.query(
         "SELECT price_ref, SUM(input_uncached + cache_read + cache_write_5m + cache_write_1h"
-        " + output), SUM(requests), SUM(cost_nano) FROM usage"
+        " + output), SUM(requests), SUM(cost_nano), MIN(priced) FROM usage"
         " WHERE start >= ? AND start < ? AND price_ref != '' GROUP BY price_ref",
         (to_epoch(start), to_epoch(end)),
     )
-    out = [PriceRefUsage(r[0], r[1] or 0, r[2] or 0, nano_to_usd(r[3] or 0)) for r in rows]
+    out = [
+        PriceRefUsage(r[0], r[1] or 0, r[2] or 0, nano_to_usd(r[3] or 0), bool(r[4])) for r in rows
+    ]
     out.sort(key=lambda u: (-u.cost, u.price_ref))
     return out
 
@@ -700,6 +718,16 @@ def sources(store: Store, now: datetime) -> list[SourceHealth]:
             )
         )
     return out
+
+
+def newest_complete_usage(store: Store, now: datetime) -> datetime | None:
+    """End of the newest usage bucket that had closed by ``now`` (an open minute is not complete
+    data: a collector that wrote it 30 s ago may have stopped since)."""
+    rows = store.query(
+        "SELECT start + width FROM usage WHERE start + width <= ? ORDER BY start DESC LIMIT 1",
+        (to_epoch(now),),
+    )
+    return from_epoch(rows[0][0]) if rows and rows[0][0] is not None else None
 
 
 def newest_usage(store: Store, now: datetime | None = None) -> datetime | None:

@@ -23,6 +23,11 @@ FORMATS = ("json", "csv", "md")
 
 REPORT_VERSION = 1
 
+PRICE_FLAG = "[flagged: "
+"""Marks a price reference whose figure fell back to list price (an unknown tier, a context
+window without its rates). The price book writes it (``pricing.book.FLAG_MARK``); the store
+imports nothing of the project, so it keeps the same text."""
+
 
 def usd(value: Decimal | None) -> float | None:
     """A dollar figure for JSON: rounded to the nano-dollar, ``None`` stays ``None``."""
@@ -60,15 +65,19 @@ def build_report(
     by_model = queries.cost_by(store, start, end, "model")
     gpu = queries.gpu_overview(store, start, end)
     sources = queries.sources(store, now)
-    newest = queries.newest_usage(store, now)
+    newest = queries.newest_complete_usage(store, now)
     billed = queries.billed_total(store, start, end)
     provider_days = queries.billed_vs_estimated(store, start, end)
     providers: dict[str, dict[str, Decimal | None]] = {}
+    # Billed vs estimated compares the same settled days: a day the provider has not billed yet
+    # is left out of both sides and listed as not billed yet.
+    not_billed = [d for d in provider_days if d.billed is None]
     for day in provider_days:
-        p = providers.setdefault(day.provider, {"estimated": Decimal(0), "billed": None})
+        if day.billed is None:
+            continue
+        p = providers.setdefault(day.provider, {"estimated": Decimal(0), "billed": Decimal(0)})
         p["estimated"] = (p["estimated"] or Decimal(0)) + day.estimated
-        if day.billed is not None:
-            p["billed"] = (p["billed"] or Decimal(0)) + day.billed
+        p["billed"] = (p["billed"] or Decimal(0)) + day.billed
     return {
         "tokentop": {
             "report_version": REPORT_VERSION,
@@ -82,6 +91,8 @@ def build_report(
         "billed_usd": usd(billed),
         "requests": totals.requests,
         "cost_per_request_usd": usd(totals.cost_per_request),
+        # $/request is the priced cost over the priced requests of the same rows.
+        "cost_per_request_excludes_unpriced_requests": totals.unpriced_requests,
         "input_tokens": totals.input_total,
         "cached_input_tokens": totals.cache_read,
         "cache_write_tokens": totals.cache_write,
@@ -114,6 +125,9 @@ def build_report(
         "by_provider": [
             {
                 "provider": name,
+                "days": sum(
+                    1 for d in provider_days if d.provider == name and d.billed is not None
+                ),
                 "estimated_usd": usd(p["estimated"]),
                 "billed_usd": usd(p["billed"]),
                 "gap_usd": usd(p["billed"] - (p["estimated"] or Decimal(0)))
@@ -121,6 +135,14 @@ def build_report(
                 else None,
             }
             for name, p in sorted(providers.items())
+        ],
+        "not_billed_yet": [
+            {
+                "provider": d.provider,
+                "day": d.day.date().isoformat(),
+                "estimated_usd": usd(d.estimated),
+            }
+            for d in not_billed
         ],
         "billed_days": [
             {
@@ -190,7 +212,28 @@ def build_report(
             "usage_age_s": None if newest is None else round((now - newest).total_seconds(), 1),
             "newest_gpu": _iso(gpu.newest),
         },
-        "prices": {**prices, "refs": queries.price_refs(store, start, end)},
+        "prices": _prices(store, start, end, prices),
+    }
+
+
+def _prices(store: Store, start: datetime, end: datetime, prices: dict[str, Any]) -> dict[str, Any]:
+    """The price book's description, the references that priced the window and how much each
+    priced (``by_ref``), and those of them flagged as possibly off (``flagged``)."""
+    used = [
+        {
+            "price_ref": u.price_ref,
+            "tokens": u.tokens,
+            "requests": u.requests,
+            "cost_usd": usd(u.cost) if u.priced else None,
+            "flagged": PRICE_FLAG in u.price_ref,
+        }
+        for u in queries.usage_by_price_ref(store, start, end)
+    ]
+    return {
+        **prices,
+        "refs": queries.price_refs(store, start, end),
+        "by_ref": used,
+        "flagged": [u for u in used if u["flagged"]],
     }
 
 
@@ -267,6 +310,11 @@ def _csv(report: dict[str, Any]) -> str:
     return out.getvalue()
 
 
+def _excl(report: dict[str, Any]) -> str:
+    n = report["cost_per_request_excludes_unpriced_requests"]
+    return f" (excl. {n:,} unpriced requests)" if n else ""
+
+
 def _sources_of_totals(report: dict[str, Any]) -> list[str]:
     """Which source each provider's total comes from, and the metered part inside it."""
     lines = []
@@ -302,7 +350,7 @@ def _markdown(report: dict[str, Any]) -> str:
         "| Estimated | Billed | Requests | $/request | GPU cost | GPU $/inference |",
         "|---:|---:|---:|---:|---:|---:|",
         f"| {_money(report['total_usd'])} | {_money(report['billed_usd'])} |"
-        f" {report['requests']:,} | {_money(report['cost_per_request_usd'])} |"
+        f" {report['requests']:,} | {_money(report['cost_per_request_usd'])}{_excl(report)} |"
         f" {_money(report['gpu']['cost_usd'])} |"
         f" {_money(report['gpu']['cost_per_inference_usd'])} |",
         "",
@@ -331,15 +379,23 @@ def _markdown(report: dict[str, Any]) -> str:
             "",
             "## Billed vs estimated",
             "",
-            "| Provider | Estimated | Billed | Gap |",
-            "|---|---:|---:|---:|",
+            "Settled days only: each side covers the days the provider has billed.",
+            "",
+            "| Provider | Days | Estimated | Billed | Gap |",
+            "|---|---:|---:|---:|---:|",
         ]
         for p in report["by_provider"]:
             lines.append(
-                f"| {md_cell(p['provider'])} | {_money(p['estimated_usd'])} |"
+                f"| {md_cell(p['provider'])} | {p['days']} | {_money(p['estimated_usd'])} |"
                 f" {_money(p['billed_usd'])} |"
                 f" {_money(p['gap_usd'])} |"
             )
+    if report["not_billed_yet"]:
+        days = ", ".join(
+            f"{md_cell(d['provider'])} {d['day']} ({_money(d['estimated_usd'])} estimated)"
+            for d in report["not_billed_yet"]
+        )
+        lines += ["", f"Not billed yet (left out of both sides): {days}"]
     gpu = report["gpu"]
     if gpu["devices"]:
         lines += [

@@ -224,7 +224,13 @@ def test_report_contract_fields_and_values(filled: Store) -> None:
     assert r["freshness"]["newest_usage"] == at(4).isoformat()
     # Billed cost is per UTC day, so the estimate beside it runs from that day's start.
     assert r["by_provider"] == [
-        {"provider": "openai", "estimated_usd": 99.02, "billed_usd": 0.025, "gap_usd": -98.995}
+        {
+            "provider": "openai",
+            "days": 1,
+            "estimated_usd": 99.02,
+            "billed_usd": 0.025,
+            "gap_usd": -98.995,
+        }
     ]
     json.loads(render(r, "json"))  # every field is JSON
 
@@ -297,14 +303,17 @@ def test_markdown_is_self_describing(filled: Store) -> None:
     assert f"- Window: {START.isoformat()} to {END.isoformat()}" in text
     assert f"newest usage {at(4).isoformat()} (3480.0 s old)" in text
     assert "- Prices: genai-prices " in text and "(online updates off)" in text
-    assert "| $0.020000 | $0.025000 | 8 | $0.005000 | $0.050000 | $0.002500 |" in text
+    assert (
+        "| $0.020000 | $0.025000 | 8 | $0.005000 (excl. 4 unpriced requests) |"
+        " $0.050000 | $0.002500 |" in text
+    )
     assert (
         "| openai | gpt-4o-2024-05-13 | 4 | 1,950 | 300 | 150 | 600 | $0.020000 | $0.005000 |"
         in text
     )
     assert "| acme | acme-llm | 4 | 700 | 0 | 0 | 70 | unpriced | unpriced |" in text
     assert "- acme/acme-llm: 770 tokens" in text
-    assert "| openai | $99.02 | $0.025000 |" in text
+    assert "| openai | 1 | $99.02 | $0.025000 |" in text
     assert "## GPUs" in text and "rented $3/h (config)" in text
     assert "| nvml | nvml | unavailable | never |  | NVML driver not found |" in text
     assert "## Prices used\n\n- test openai/gpt-4o-2024-05-13" in text

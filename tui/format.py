@@ -27,8 +27,9 @@ def _sig(value: Decimal, digits: int) -> str:
 
 
 def usd(value: Decimal | float | int | None) -> str:
-    """A money total: ``$1,234.56``, ``$0.42``; below a cent, two significant digits
-    (``$0.0042``) so that a small figure never reads as ``$0.00``."""
+    """A money total: ``$1,234.56``; below a dollar, three significant digits without trailing
+    zeros (``$0.42``, ``$0.0135``, ``$0.008``), so that a small figure is never rounded away to
+    ``$0.01`` or ``$0.00``."""
     if value is None:
         return MISSING
     v = _dec(value)
@@ -36,9 +37,13 @@ def usd(value: Decimal | float | int | None) -> str:
     v = abs(v)
     if v == 0:
         return "$0.00"
-    if v >= Decimal("0.01"):
+    if v >= 1:
         return f"{sign}${v.quantize(Decimal('0.01'), rounding=ROUND_HALF_UP):,.2f}"
-    return f"{sign}${_sig(v, 2)}"
+    text = _sig(v, 3)
+    if text == "1.00":
+        return f"{sign}$1.00"
+    whole, _, frac = text.partition(".")
+    return f"{sign}${whole}.{frac.rstrip('0').ljust(2, '0')}"
 
 
 def usd_unit(value: Decimal | float | int | None) -> str:
