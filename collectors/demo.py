@@ -3,11 +3,14 @@
 Traffic is a deterministic function of (seed, series, minute): a daily rhythm, noise, short bursts
 and an occasional spike. The open minute grows as it elapses, as a provider's newest bucket does,
 and is rewritten (never added to) on every poll. Because the history is a pure function of time, a
-restart regenerates exactly what is stored and nothing is counted twice.
+restart regenerates exactly what is stored and nothing is counted twice. As OpenAI bills no cache
+writes, its series have none. Each settled UTC day gets a bill (list price, a few percent off), so
+the billed-vs-estimated figures a real user sees are exercised too.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 import random
 from dataclasses import dataclass
@@ -15,9 +18,11 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 
 from tokentop.collectors.base import Clock, PollContext, utcnow
+from tokentop.pricing.book import PriceBook, TokenCounts
 from tokentop.pricing.gpu import GpuCostModel
 from tokentop.store.records import (
     Batch,
+    BilledCost,
     GpuSample,
     InferenceSample,
     UsageBucket,
@@ -28,6 +33,17 @@ from tokentop.store.records import (
 )
 
 MINUTE = 60
+DAY = 86_400
+BILLED_PROVIDERS = ("openai", "anthropic")
+_TOKEN_KEYS = (
+    "input_uncached",
+    "cache_read",
+    "cache_write_5m",
+    "cache_write_1h",
+    "output",
+    "web_searches",
+)
+"""Providers whose (simulated) cost endpoints bill each settled UTC day."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,7 +79,6 @@ SERIES: tuple[Series, ...] = (
         2400,
         260,
         0.6,
-        0.05,
     ),
     Series("openai", "o3-mini", "batch-summarise", "eval", "key_batch", 6, 6000, 1400),
     Series(
@@ -207,18 +222,25 @@ class DemoCollector:
         interval_s: float = 1.0,
         clock: Clock = utcnow,
         name: str = "demo",
+        book: PriceBook | None = None,
     ) -> None:
         self.seed = seed
         self.interval_s = interval_s
         self.clock = clock
         self.name = name
+        self.book = book
         self.calls = 0
 
     async def poll(self, ctx: PollContext) -> Batch:
-        """Every minute from the watermark (or the backfill start) to now, the open one partial."""
+        """Every minute from the watermark (or the backfill start) to now, the open one partial;
+        and, with a price book, the bill of each UTC day that closed since the last poll."""
         now_s = to_epoch(ctx.now)
         current = now_s // MINUTE
-        first = to_epoch(ctx.watermark or ctx.backfill_start) // MINUTE
+        if ctx.watermark is not None:
+            first = to_epoch(ctx.watermark) // MINUTE
+        else:
+            # Whole UTC days, so that a billed day is compared with a whole day's estimate.
+            first = to_epoch(ctx.backfill_start) // DAY * DAY // MINUTE
         first = min(first, current)
         buckets: list[UsageBucket] = []
         for minute in range(first, current + 1):
@@ -251,11 +273,55 @@ class DemoCollector:
         window = UsageWindow(
             self.name, MINUTE, from_epoch(first * MINUTE), from_epoch((current + 1) * MINUTE)
         )
+        billed, billed_days = await asyncio.to_thread(self._bills, first * MINUTE, now_s)
         return Batch(
             usage=tuple(buckets),
             windows=(window,),
+            billed=billed,
+            billed_days=billed_days,
             watermark=from_epoch(current * MINUTE),
         )
+
+    def _bills(
+        self, since_s: int, now_s: int
+    ) -> tuple[tuple[BilledCost, ...], tuple[tuple[str, datetime, datetime], ...]]:
+        """What OpenAI's and Anthropic's cost endpoints would report for the UTC days that ended
+        in ``(since_s, now_s]``: the list price of the day's usage, a few percent off (as real
+        bills are), provider by provider. The unpriced provider has no bill."""
+        if self.book is None:
+            return (), ()
+        bills: list[BilledCost] = []
+        days: list[tuple[str, datetime, datetime]] = []
+        for day_end in range((since_s // DAY + 1) * DAY, now_s + 1, DAY):
+            day = day_end - DAY
+            costs: dict[str, Decimal] = {}
+            # Priced an hour of a series at a time (prices change by date, not by minute).
+            for hour in range(day, day_end, 3600):
+                for i, s in enumerate(SERIES):
+                    if s.provider not in BILLED_PROVIDERS:
+                        continue
+                    sums = dict.fromkeys(_TOKEN_KEYS, 0)
+                    for minute in range(hour // MINUTE, (hour + 3600) // MINUTE):
+                        for key, value in minute_usage(self.seed, i, minute).items():
+                            if key in sums:
+                                sums[key] += value
+                    tokens = TokenCounts(*(sums[k] for k in _TOKEN_KEYS))
+                    quote = self.book.quote(s.provider, s.model, tokens, from_epoch(hour))
+                    if quote.cost is not None:
+                        costs[s.provider] = costs.get(s.provider, Decimal(0)) + quote.cost
+            for provider, cost in sorted(costs.items()):
+                off = Decimal(str(round(_rng(self.seed, "bill", provider, day).uniform(-3, 3), 2)))
+                bills.append(
+                    BilledCost(
+                        self.name,
+                        provider,
+                        from_epoch(day),
+                        usd_to_nano(cost * (1 + off / 100)),
+                        line_item=f"{provider} API usage",
+                    )
+                )
+            days.append((self.name, from_epoch(day), from_epoch(day_end)))
+        return tuple(bills), tuple(days)
 
     async def aclose(self) -> None:
         """Nothing to release."""

@@ -44,10 +44,11 @@ def build_sources(
     costs = GpuCostModel(config.gpu_rates)
     if demo:
         from tokentop.collectors.demo import DemoCollector, DemoGpuCollector
+        from tokentop.pricing.book import PriceBook
 
         every = interval_s or 1.0
         return [
-            DemoCollector(interval_s=every, clock=clock),
+            DemoCollector(interval_s=every, clock=clock, book=PriceBook(config.pricing)),
             DemoGpuCollector(costs, interval_s=every, clock=clock),
         ]
     sources: list[Collector] = []

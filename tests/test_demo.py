@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 from datetime import datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from tokentop.collectors.demo import (
     minute_usage,
 )
 from tokentop.collectors.runner import Runner
-from tokentop.pricing.book import PriceBook
+from tokentop.pricing.book import PriceBook, TokenCounts
 from tokentop.pricing.gpu import GpuCostModel
 from tokentop.store import queries
 from tokentop.store.db import Store
@@ -43,15 +44,17 @@ async def test_same_seed_and_clock_give_the_same_batch() -> None:
     assert other.usage != a.usage
 
 
-async def test_first_poll_backfills_a_day() -> None:
+async def test_first_poll_backfills_a_day_from_its_midnight() -> None:
     batch = await DemoCollector().poll(ctx(START))
     assert demo_backfill() == timedelta(hours=24)
-    first_minute = (to_epoch(START) - 86400) // 60 * 60
+    # The backfill starts at the midnight before "24 h ago", so that every day is whole.
+    first_minute = (to_epoch(START) - 86400) // 86400 * 86400
     current_minute = to_epoch(START) // 60 * 60
     starts = {to_epoch(b.start) for b in batch.usage}
     assert min(starts) == first_minute
     assert max(starts) == current_minute
-    assert len(starts) == 1441  # every minute of the day had traffic, the open one included
+    # Every minute had traffic, the open one included.
+    assert len(starts) == (current_minute - first_minute) // 60 + 1
     [window] = batch.windows
     assert (to_epoch(window.start), to_epoch(window.end)) == (first_minute, current_minute + 60)
     assert (window.source, window.width_s) == ("demo", 60)
@@ -200,3 +203,38 @@ async def test_gpu_demo_is_deterministic() -> None:
     b = await DemoGpuCollector(GpuCostModel()).poll(ctx(START))
     assert a == b
     assert len(a.gpu) == len(DEMO_GPUS) * 24 * 60  # one sample per GPU and minute of the day
+
+
+async def test_openai_series_have_no_cache_writes_and_settled_days_get_a_bill() -> None:
+    book = PriceBook()
+    batch = await DemoCollector(book=book).poll(ctx(START))
+    assert not [
+        b for b in batch.usage if b.provider == "openai" and b.cache_write_5m + b.cache_write_1h
+    ]
+    day = START.replace(hour=0, minute=0, second=0) - timedelta(days=1)
+    assert {(b.provider, b.day) for b in batch.billed} == {("openai", day), ("anthropic", day)}
+    assert batch.billed_days == (("demo", day, day + timedelta(days=1)),)
+    # Within a few percent of the day's list price, as a real bill would be.
+    estimate = {
+        p: sum(
+            (
+                book.quote(b.provider, b.model, _tokens(b), b.start).cost or 0
+                for b in batch.usage
+                if b.provider == p and day <= b.start < day + timedelta(days=1)
+            ),
+            start=Decimal(0),
+        )
+        for p in ("openai", "anthropic")
+    }
+    for bill in batch.billed:
+        ratio = Decimal(bill.amount_nano) / 10**9 / estimate[bill.provider]
+        assert Decimal("0.97") <= ratio <= Decimal("1.03")
+    # The next poll, the same day: nothing new is billed.
+    later = await DemoCollector(book=book).poll(ctx(START + timedelta(minutes=1), START))
+    assert later.billed == () and later.billed_days == ()
+
+
+def _tokens(b: Any) -> TokenCounts:
+    return TokenCounts(
+        b.input_uncached, b.cache_read, b.cache_write_5m, b.cache_write_1h, b.output, b.web_searches
+    )
