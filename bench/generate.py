@@ -1,10 +1,13 @@
 """Generate a realistic tokentop history: one-minute usage, GPU and inference samples, bills.
 
-``python -m bench.generate --db PATH [--days 30] [--series 40] [--seed 1] [--end ISO]``
+``python -m bench.generate --db PATH [--days 30] [--series 40] [--seed 1] [--end ISO]
+[--tail-rate 0.1]``
 
 About 40 usage series (model x project x tag x API key, across OpenAI and Anthropic models that
 genai-prices knows, plus one model it does not) with four traffic shapes: a daily rhythm, business
-hours only (zeros at night and at weekends), nightly batch jobs and sparse low-rate traffic. Bursts
+hours only (zeros at night and at weekends), nightly batch jobs and sparse low-rate traffic. More
+series than 40 (``--series 400``) add an organisation's long tail: a key per developer and CI job,
+each with little traffic (:func:`tail_series`). Bursts
 and spikes are shared by every series, as a product launch or an incident would be. Four GPUs
 serve two inference endpoints, sampled once a minute; one endpoint is idle outside business hours,
 so idle burn shows. Priced and unpriced providers get daily bills a few percent off the estimate.
@@ -124,8 +127,61 @@ class Series:
         return SOURCES[self.model.provider]
 
 
-def make_series(count: int, seed: int) -> tuple[Series, ...]:
-    """``count`` distinct series; every priced model appears, and the last one is unpriced."""
+CORE_SERIES = 40
+"""Series beyond this many are the long tail of an organisation (see :func:`tail_series`)."""
+TAIL_RATE = 0.1
+"""Mean requests per minute, at its shape's peak, of a long-tail series (median)."""
+TAIL_PROJECTS = tuple(f"team-{k:02d}" for k in range(24))
+TAIL_TAGS = ("dev", "test", "ci", "eval", "", "feature-search", "feature-agents", "staging")
+
+
+def make_series(count: int, seed: int, tail_rate: float = TAIL_RATE) -> tuple[Series, ...]:
+    """``count`` distinct series; every priced model appears, and one is unpriced (the last of
+    the first :data:`CORE_SERIES`, so the first 40 are the same whatever the count).
+
+    Beyond :data:`CORE_SERIES`, the series are an organisation's long tail: see
+    :func:`tail_series`."""
+    core = _core_series(min(count, CORE_SERIES), seed)
+    return core + tail_series(count - len(core), seed, tail_rate)
+
+
+def tail_series(count: int, seed: int, tail_rate: float = TAIL_RATE) -> tuple[Series, ...]:
+    """``count`` long-tail series: every developer's key, every CI job's, every feature tag.
+
+    Each has its own API key (two models per key), one of 24 projects and 8 tags, and little
+    traffic: business hours (half of them), sparse all day (four in ten) or a nightly CI run;
+    a rate drawn around ``tail_rate`` requests a minute at the shape's peak (lognormal, a
+    spread of e). So the tail adds many series and few buckets, as it does in an organisation:
+    most of the spend and traffic stays with the core series."""
+    rng = random.Random(f"{seed}:tail")
+    out: list[Series] = []
+    keys: set[tuple[str, ...]] = set()
+    for i in range(count):
+        model = rng.choice(PRICED_MODELS)
+        shape = rng.choices(("business", "sparse", "nightly"), weights=(50, 40, 10))[0]
+        rate = min(rng.lognormvariate(math.log(tail_rate), 1.0), 20 * tail_rate)
+        who = "ci" if shape == "nightly" else "dev"
+        project = rng.choice(TAIL_PROJECTS)
+        tag = "ci" if shape == "nightly" else rng.choice(TAIL_TAGS)
+        key = f"key_{who}{i // 2:04d}_{model.provider[:3]}"
+        if (model.model, project, tag, key) in keys:  # the pair's other series: its own key
+            key = f"key_{who}{i:04d}x_{model.provider[:3]}"
+        keys.add((model.model, project, tag, key))
+        out.append(
+            Series(
+                model=model,
+                project=project,
+                tag=tag,
+                api_key=key,
+                shape=shape,
+                per_minute=round(rate * (4 if shape == "nightly" else 1), 4),
+                service_tier="default" if model.provider == "openai" else "standard",
+            )
+        )
+    return tuple(out)
+
+
+def _core_series(count: int, seed: int) -> tuple[Series, ...]:
     rng = random.Random(f"{seed}:series")
     out: list[Series] = []
     keys: set[tuple[str, ...]] = set()
@@ -412,13 +468,14 @@ def generate(
     seed: int = 1,
     end: datetime = DEFAULT_END,
     progress: Callable[[str], None] | None = None,
+    tail_rate: float = TAIL_RATE,
 ) -> Summary:
     """Write ``days`` of history ending at ``end`` into a new database at ``path``."""
     if path.exists():
         raise FileExistsError(f"{path} exists; generate into a new file")
     began = time.perf_counter()
     summary = Summary()
-    all_series = make_series(series, seed)
+    all_series = make_series(series, seed, tail_rate)
     book, costs = PriceBook(), GpuCostModel()
     end_s = to_epoch(end)
     first_s = (end_s // MINUTE - days * 1440 + 1) * MINUTE
@@ -462,7 +519,15 @@ def generate(
         _record_sources(store, all_series, end)
         store.set_meta(
             META_KEY,
-            json.dumps({"days": days, "series": series, "seed": seed, "end": end.isoformat()}),
+            json.dumps(
+                {
+                    "days": days,
+                    "series": series,
+                    "seed": seed,
+                    "end": end.isoformat(),
+                    **({"tail_rate": tail_rate} if series > CORE_SERIES else {}),
+                }
+            ),
         )
         for table in ("usage_hour", "gpu_hour", "inference_hour"):
             summary.rows[table] = store.query(f"SELECT COUNT(*) FROM {table}")[0][0]
@@ -516,6 +581,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--series", type=int, default=40)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--end", type=_parse_end, default=DEFAULT_END, help="ISO time, UTC")
+    parser.add_argument(
+        "--tail-rate",
+        type=float,
+        default=TAIL_RATE,
+        help=f"requests/min of a series beyond the first {CORE_SERIES} (median, at peak)",
+    )
     parser.add_argument("-q", "--quiet", action="store_true", help="no per-day progress")
     args = parser.parse_args(argv)
     if args.days < 1 or args.series < 1:
@@ -529,6 +600,7 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         end=args.end,
         progress=None if args.quiet else lambda line: print(line, file=sys.stderr),
+        tail_rate=args.tail_rate,
     )
     print_summary(summary)
     return 0

@@ -82,3 +82,20 @@ class Collector(Protocol):
     async def aclose(self) -> None:
         """Release connections, threads and libraries."""
         ...
+
+
+@runtime_checkable
+class Periodic(Protocol):
+    """Work the runner does on its own interval beside the polls, off their path (the alert
+    engine). ``tick`` never raises; ``aclose`` releases what it holds."""
+
+    name: str
+    interval_s: float
+
+    async def tick(self) -> None:
+        """Do the work once."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release connections."""
+        ...

@@ -18,8 +18,17 @@ from typing import Any
 
 import platformdirs
 
-from tokentop.pricing.book import ModelPriceOverride, PricingConfig
+from tokentop.collectors.alert_config import AlertConfigError, AlertsConfig, parse_alerts
+from tokentop.collectors.metrics_config import (
+    MetricsConfig,
+    MetricsConfigError,
+    PrometheusConfig,
+    parse_metrics,
+    parse_prometheus,
+)
+from tokentop.pricing.book import STANDARD_TIERS, ModelPriceOverride, PricingConfig, TierRule
 from tokentop.pricing.gpu import GpuRate
+from tokentop.store.retention import Retention
 
 APP = "tokentop"
 
@@ -89,6 +98,15 @@ class Config:
     inference: tuple[InferenceEndpoint, ...] = ()
     compare_to: str = "gpt-4o-mini"
     """API model whose price the GPU pane compares self-hosting with."""
+    alerts: AlertsConfig = field(default_factory=AlertsConfig)
+    """``[alerts]`` (where alerts go) and the ``[[alert]]`` rules: see :mod:`.alert_config`."""
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    """``[metrics]``: what ``collect`` and ``proxy`` expose on ``/metrics``."""
+    prometheus: PrometheusConfig = field(default_factory=PrometheusConfig)
+    """``[prometheus]``: a Prometheus server to read the fleet from (see :mod:`.metrics_config`)."""
+    retention: Retention = field(default_factory=Retention)
+    """``[retention]``: ``minutes_days`` of one-minute data (default 35), ``hours_days`` of
+    hourly (default 400), daily forever; the collector compacts older data."""
 
 
 def default_config_path() -> Path:
@@ -145,6 +163,11 @@ def parse_config(raw: dict[str, Any], path: Path | None = None) -> Config:
         "gpu_interval_s",
         "inference",
         "compare_to",
+        "alerts",
+        "alert",
+        "metrics",
+        "prometheus",
+        "retention",
     }
     for key in raw:
         if key not in known:
@@ -162,15 +185,20 @@ def parse_config(raw: dict[str, Any], path: Path | None = None) -> Config:
         gpu_interval_s=_positive(raw, "gpu_interval_s", where, 5.0),
         inference=tuple(_endpoint(t, where) for t in _tables(raw, "inference", where)),
         compare_to=_str(raw, "compare_to", where, "gpt-4o-mini"),
+        alerts=_alerts(raw, where),
+        **_metrics(raw, where),
+        retention=_retention(raw.get("retention", {}), where),
     )
 
 
-def _tables(raw: dict[str, Any], key: str, where: str) -> list[dict[str, Any]]:
+def _tables(raw: dict[str, Any], key: str, where: str, name: str = "") -> list[dict[str, Any]]:
     value = raw.get(key, [])
     if isinstance(value, dict):
         value = [value]
     if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
-        raise ConfigError(f"{where}: {key} must be a table or an array of tables, got {value!r}")
+        raise ConfigError(
+            f"{where}: {name or key} must be a table or an array of tables, got {value!r}"
+        )
     return value
 
 
@@ -246,7 +274,7 @@ def _date(value: Any, name: str, where: str) -> datetime:
 def _pricing(raw: Any, where: str) -> PricingConfig:
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: pricing must be a table, got {raw!r}")
-    _known(raw, {"model", "discount"}, "pricing", where)
+    _known(raw, {"model", "discount", "tier"}, "pricing", where)
     models = []
     for i, table in enumerate(_tables(raw, "model", where)):
         name = f"pricing.model[{i}]"
@@ -301,7 +329,42 @@ def _pricing(raw: Any, where: str) -> PricingConfig:
                 f"{where}: pricing.discount.{provider} is a fraction below 1, got {value!r}"
             )
         discounts[provider] = fraction
-    return PricingConfig(models=tuple(models), discounts=discounts)
+    tables = _tables(raw, "tier", where, "pricing.tier")
+    tiers = tuple(_tier_rule(t, i, where) for i, t in enumerate(tables))
+    return PricingConfig(models=tuple(models), discounts=discounts, tiers=tiers)
+
+
+def _tier_rule(table: dict[str, Any], i: int, where: str) -> TierRule:
+    """One ``[[pricing.tier]]`` table: a tier priced as a share of list prices.
+
+    ``tier`` (``"batch"``, or a service tier such as ``"flex"``) and ``share_of_list``
+    (``0.5`` is half of list) are required; ``provider`` (default: every provider) and
+    ``effective`` (a date, default 1970-01-01) are optional. Such a rule wins over
+    genai-prices' own tier prices and over the built-in batch rules, from its date on::
+
+        [[pricing.tier]]
+        tier = "batch"
+        provider = "openai"
+        share_of_list = 0.5
+        effective = 2024-04-15
+    """
+    name = f"pricing.tier[{i}]"
+    _known(table, {"tier", "provider", "share_of_list", "effective"}, name, where)
+    for required in ("tier", "share_of_list"):
+        if required not in table:
+            raise ConfigError(f"{where}: {name} needs {required!r}")
+    tier = table["tier"]
+    if not isinstance(tier, str) or tier.strip().lower() in STANDARD_TIERS:
+        raise ConfigError(f"{where}: {name}.tier must name a non-standard tier, got {tier!r}")
+    provider = table.get("provider", "")
+    if not isinstance(provider, str):
+        raise ConfigError(f"{where}: {name}.provider must be a string, got {provider!r}")
+    return TierRule(
+        tier=tier.strip().lower(),
+        share_of_list=_decimal(table["share_of_list"], f"{name}.share_of_list", where),
+        provider=provider,
+        effective=_date(table.get("effective", "1970-01-01"), f"{name}.effective", where),
+    )
 
 
 def _provider(raw: Any, name: str, key_env: str, where: str) -> ProviderConfig:
@@ -368,3 +431,48 @@ def _endpoint(raw: dict[str, Any], where: str) -> InferenceEndpoint:
     return InferenceEndpoint(
         url=url, kind=kind, gpus=tuple(gpus), name=_str(raw, "name", where, "", "inference.")
     )
+
+
+def _alerts(raw: dict[str, Any], where: str) -> AlertsConfig:
+    """The ``[alerts]`` table and ``[[alert]]`` rules; budgets default to the top-level ones."""
+    try:
+        return parse_alerts(
+            raw.get("alerts", {}),
+            raw.get("alert", []),
+            where,
+            budget_daily=_money(raw, "budget_daily_usd", where),
+            budget_monthly=_money(raw, "budget_monthly_usd", where),
+        )
+    except AlertConfigError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _metrics(raw: dict[str, Any], where: str) -> dict[str, Any]:
+    """The ``[metrics]`` and ``[prometheus]`` tables (see :mod:`.metrics_config`)."""
+    try:
+        return {
+            "metrics": parse_metrics(raw.get("metrics", {}), where),
+            "prometheus": parse_prometheus(raw.get("prometheus", {}), where),
+        }
+    except MetricsConfigError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _retention(raw: Any, where: str) -> Retention:
+    """The ``[retention]`` table: days of one-minute and of hourly data."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: retention must be a table, got {raw!r}")
+    for key in raw:
+        if key not in ("minutes_days", "hours_days"):
+            raise ConfigError(f"{where}: unknown setting retention.{key!r}")
+    default = Retention()
+    minutes = _positive(raw, "minutes_days", where, default.minutes_days, "retention.")
+    hours = _positive(raw, "hours_days", where, default.hours_days, "retention.")
+    if minutes < 1:
+        raise ConfigError(f"{where}: retention.minutes_days must be at least 1, got {minutes!r}")
+    if hours < minutes:
+        raise ConfigError(
+            f"{where}: retention.hours_days must be at least retention.minutes_days"
+            f" ({minutes!r}), got {hours!r}"
+        )
+    return Retention(minutes_days=minutes, hours_days=hours)

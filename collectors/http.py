@@ -305,6 +305,8 @@ class AdminApiCollector(ABC):
     ) -> None:
         self.name = name or self.kind
         self.interval_s = config.interval_s
+        self.backfill = timedelta(hours=config.backfill_hours)
+        """How far back a first start reads (``backfill_hours``; the runner honours it)."""
         self.calls = 0
         self._config = config
         self._owns_client = client is None

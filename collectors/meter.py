@@ -39,10 +39,13 @@ from __future__ import annotations
 import atexit
 import contextlib
 import contextvars
+import dataclasses
+import glob
 import importlib
 import importlib.util
 import json
 import logging
+import os
 import queue
 import re
 import sys
@@ -62,7 +65,7 @@ import httpx
 from tokentop.collectors.base import Clock, utcnow
 from tokentop.collectors.runner import price_request
 from tokentop.pricing.book import PriceBook
-from tokentop.pricing.tokens import count_tokens
+from tokentop.pricing.tokens import LOAD_TIMEOUT_S, count_tokens, load_wait
 from tokentop.store.db import Store
 from tokentop.store.records import Batch, MeteredRequest, SourceHealth
 
@@ -86,6 +89,7 @@ MAX_TAG_LENGTH = 200
 
 _USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')
 _MODEL_FIELD = re.compile(rb'"model"\s*:\s*"((?:[^"\\]|\\.){1,200})"')
+_TIER_FIELD = re.compile(rb'"service_tier"\s*:\s*"([A-Za-z0-9_.-]{1,40})"')
 _USAGE_EVENTS = (
     b"response.completed",
     b"response.incomplete",
@@ -476,6 +480,8 @@ class Extracted:
     response_id: str = ""
     partial: Usage | None = None
     """Input-side usage of a stream that was cut before its final usage (Anthropic)."""
+    service_tier: str = ""
+    """The tier that served it: OpenAI's top-level ``service_tier``, Anthropic's in ``usage``."""
 
 
 def _loads(payload: bytes) -> dict[str, Any]:
@@ -496,12 +502,17 @@ def extract(ex: Exchange) -> Extracted:
     return _extract_object(ex.api, obj)
 
 
+def _tier(obj: dict[str, Any]) -> str:
+    value = obj.get("service_tier")
+    return value if isinstance(value, str) else ""
+
+
 def _extract_object(api: str, obj: dict[str, Any]) -> Extracted:
     model = obj.get("model") if isinstance(obj.get("model"), str) else ""
     rid = obj.get("id") if isinstance(obj.get("id"), str) else ""
     raw = obj.get("usage")
     if not isinstance(raw, dict):
-        return Extracted(None, str(model), str(rid))
+        return Extracted(None, str(model), str(rid), service_tier=_tier(obj))
     if api == MESSAGES:
         usage = anthropic_usage(raw)
     else:
@@ -510,7 +521,7 @@ def _extract_object(api: str, obj: dict[str, Any]) -> Extracted:
             searches = _web_search_calls(obj)
             if searches:
                 usage = Usage(**{**_as_dict(usage), "web_searches": searches})
-    return Extracted(usage, str(model), str(rid))
+    return Extracted(usage, str(model), str(rid), service_tier=_tier(obj) or _tier(raw))
 
 
 def _as_dict(usage: Usage) -> dict[str, int]:
@@ -523,15 +534,17 @@ def _extract_tail(ex: Exchange) -> Extracted:
     matches = list(_USAGE_OBJECT.finditer(tail))
     model_match = list(_MODEL_FIELD.finditer(tail))
     model = model_match[-1].group(1).decode("utf-8", "replace") if model_match else ""
+    tiers = list(_TIER_FIELD.finditer(tail))
+    tier = tiers[-1].group(1).decode("ascii") if tiers else ""
     if not matches:
-        return Extracted(None, model)
+        return Extracted(None, model, service_tier=tier)
     start = matches[-1].end() - 1
     try:
         raw, _ = json.JSONDecoder().raw_decode(tail[start:].decode("utf-8", "replace"))
     except ValueError:
-        return Extracted(None, model)
+        return Extracted(None, model, service_tier=tier)
     usage = anthropic_usage(raw) if ex.api == MESSAGES else openai_usage(_obj(raw))
-    return Extracted(usage, model)
+    return Extracted(usage, model, service_tier=tier)
 
 
 def _extract_sse(ex: Exchange) -> Extracted:
@@ -548,13 +561,14 @@ def _extract_sse(ex: Exchange) -> Extracted:
             found = _extract_object(ex.api, event)
     if found is not None:
         return found
-    model, rid = "", ""
+    model, rid, tier = "", "", ""
     for payload in ex.text_events[:3]:
         event = _loads(payload)
         body = _obj(event.get("response")) if ex.api == RESPONSES else event
         model = model or str(body.get("model") or "")
         rid = rid or str(body.get("id") or "")
-    return Extracted(None, model, rid)
+        tier = tier or _tier(body)
+    return Extracted(None, model, rid, service_tier=tier)
 
 
 def _extract_anthropic_stream(ex: Exchange) -> Extracted:
@@ -574,9 +588,11 @@ def _extract_anthropic_stream(ex: Exchange) -> Extracted:
             usage = _obj(event.get("usage"))
             merged.update({k: v for k, v in usage.items() if v is not None})
             final = final or "output_tokens" in usage
+    tier = _tier(merged)
     if final:
-        return Extracted(anthropic_usage(merged), model, rid)
-    return Extracted(None, model, rid, partial=anthropic_usage(merged) if merged else None)
+        return Extracted(anthropic_usage(merged), model, rid, service_tier=tier)
+    partial = anthropic_usage(merged) if merged else None
+    return Extracted(None, model, rid, partial=partial, service_tier=tier)
 
 
 # Estimation, for responses that report no usage.
@@ -607,6 +623,12 @@ def request_text(body: bytes) -> str:
 def _request_model(body: bytes) -> str:
     model = _loads(body).get("model") if body else None
     return model if isinstance(model, str) else ""
+
+
+def _request_tier(body: bytes) -> str:
+    """The tier a request asked for, when its response did not say (``auto`` says nothing)."""
+    tier = _tier(_loads(body)) if body else ""
+    return "" if tier == "auto" else tier
 
 
 def streamed_text(ex: Exchange) -> str:
@@ -643,13 +665,17 @@ def streamed_text(ex: Exchange) -> str:
     return "".join(out)
 
 
-def finalize(ex: Exchange, book: PriceBook | None = None) -> MeteredRequest | None:
+def finalize(
+    ex: Exchange, book: PriceBook | None = None, *, found: Extracted | None = None
+) -> MeteredRequest | None:
     """The metered request an exchange amounts to, priced when a price book is given.
 
     Returns ``None`` for a failed request that reported no usage (an error is not a billed model
-    request, and counting it would dilute the cost per request).
+    request, and counting it would dilute the cost per request). ``found`` is what
+    :func:`extract` said of ``ex``, when the caller already asked.
     """
-    found = extract(ex)
+    if found is None:
+        found = extract(ex)
     model = found.model or _request_model(ex.request_body) or "unknown"
     usage = found.usage
     estimated = False
@@ -683,6 +709,7 @@ def finalize(ex: Exchange, book: PriceBook | None = None) -> MeteredRequest | No
         status=ex.status,
         tag=ex.tag,
         estimated=estimated,
+        service_tier=found.service_tier or _request_tier(ex.request_body),
     )
     return price_request(book, request) if book is not None else request
 
@@ -1050,13 +1077,24 @@ def install(meter: Meter) -> Callable[[], None]:
 
 
 class _Flush:
-    __slots__ = ("event",)
+    __slots__ = ("estimated", "event")
 
     def __init__(self) -> None:
         self.event = threading.Event()
+        self.estimated = False
+        """It went through the estimator's queue, behind the estimates routed before it."""
 
 
 _STOP = object()
+_ESTIMATOR_DONE = object()
+
+
+def _spilled_request(line: str) -> MeteredRequest:
+    data = json.loads(line)
+    names = {f.name for f in dataclasses.fields(MeteredRequest)}
+    data = {k: v for k, v in data.items() if k in names}
+    data["ts"] = datetime.fromisoformat(data["ts"])
+    return MeteredRequest(**data)
 
 
 class Recorder:
@@ -1065,6 +1103,13 @@ class Recorder:
     Calling it only puts the exchange on a queue. The thread gathers what arrives over
     ``flush_interval_s``, finalizes and prices it and writes it in one transaction. Failed
     requests without usage are not written (see :func:`finalize`).
+
+    A response that reported no usage is estimated in a second thread, so that requests with
+    exact usage never queue behind an estimate (which may wait, once, for tiktoken to load its
+    encoding). :meth:`close` writes everything queued, estimates included (they no longer wait
+    for a tokenizer then). Requests that cannot be written after retries are kept in a spill
+    file next to the database (``<db>.<id>.spill``, JSON lines holding no prompt, response or
+    header); the next recorder on that database imports it.
 
     Args:
         db_path: the database file (opened by the thread).
@@ -1075,6 +1120,9 @@ class Recorder:
         flush_interval_s: how long requests are gathered into one write.
         max_queue: exchanges waiting beyond this are dropped (and counted) rather than letting
             memory grow without bound when the disk cannot keep up.
+        heartbeat_s: when set, the health row is renewed this often with or without traffic
+            (and says ``stopped`` on close), so a long-lived writer such as the proxy that is
+            killed shows as stopped rather than ``ok`` forever; ``None``: only writes renew it.
     """
 
     def __init__(
@@ -1087,6 +1135,7 @@ class Recorder:
         flush_interval_s: float = 0.25,
         max_queue: int = 100_000,
         clock: Clock = utcnow,
+        heartbeat_s: float | None = None,
     ) -> None:
         self.db_path = Path(db_path)
         self.book = book
@@ -1095,12 +1144,29 @@ class Recorder:
         self.flush_interval_s = flush_interval_s
         self.max_queue = max_queue
         self.clock = clock
+        self.heartbeat_s = heartbeat_s
+        self._beat_at = 0.0
         self.written = 0
         self.dropped = 0
         self.errors = 0
         self.last_error = ""
+        self.spilled = 0
+        """Requests kept in :attr:`spill_path` because the database could not take them."""
+        self.imported = 0
+        """Requests read back from spill files that earlier recorders left."""
+        self.spill_path = self.db_path.with_name(
+            f"{self.db_path.name}.{os.getpid()}-{id(self):x}.spill"
+        )
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._estimates: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._routing = True
+        """Whether responses without usage go to the estimator (until it is told to stop)."""
+        self._hurry = threading.Event()
         self._closed = False
+        self._estimator = threading.Thread(
+            target=self._estimate, name="tokentop-estimator", daemon=True
+        )
+        self._estimator.start()
         self._thread = threading.Thread(target=self._run, name="tokentop-recorder", daemon=True)
         self._thread.start()
         atexit.register(self.close)
@@ -1133,8 +1199,11 @@ class Recorder:
             return
         self._closed = True
         atexit.unregister(self.close)
+        self._hurry.set()  # estimates stop waiting for a tokenizer download
         self._queue.put(_STOP)
         self._thread.join(timeout)
+        if self._thread.is_alive():
+            log.warning("the recorder did not finish writing within %g s", timeout)
 
     def __enter__(self) -> Recorder:
         return self
@@ -1143,13 +1212,19 @@ class Recorder:
         self.close()
 
     def _run(self) -> None:
-        store: Store | None = None
+        store = self._import_spills(None)
         stop = False
         while not stop:
-            first = self._queue.get()  # close() always puts _STOP, so this never waits forever
+            if self.heartbeat_s and time.monotonic() - self._beat_at >= self.heartbeat_s:
+                store = self._beat(store)
+            try:
+                # close() always puts _STOP, so this never waits forever.
+                first = self._queue.get(timeout=self.heartbeat_s or None)
+            except queue.Empty:
+                continue
             batch: list[Any] = [first]
             deadline = time.monotonic() + self.flush_interval_s
-            while batch[-1] is not _STOP and not isinstance(batch[-1], _Flush):
+            while isinstance(batch[-1], Exchange | MeteredRequest):  # a marker ends a batch
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
@@ -1162,9 +1237,17 @@ class Recorder:
                 store = self._write(store, items)
             for marker in batch:
                 if marker is _STOP:
+                    # The estimator finishes what it was given, hands it back, then says so.
+                    self._routing = False
+                    self._estimates.put(_STOP)
+                elif marker is _ESTIMATOR_DONE:
                     stop = True
                 elif isinstance(marker, _Flush):
-                    marker.event.set()
+                    if marker.estimated or not self._routing:
+                        marker.event.set()
+                    else:
+                        marker.estimated = True
+                        self._estimates.put(marker)
         # Anything queued after the stop (a late request at exit) still lands.
         leftovers: list[Any] = []
         with contextlib.suppress(queue.Empty):
@@ -1176,8 +1259,33 @@ class Recorder:
         for marker in leftovers:
             if isinstance(marker, _Flush):
                 marker.event.set()
+        if self.heartbeat_s:
+            store = self._beat(store, stopping=True)
         if store is not None:
             store.close()
+
+    def _beat(self, store: Store | None, stopping: bool = False) -> Store | None:
+        """Renew the health row (traffic or not), or say that the writer stopped."""
+        self._beat_at = time.monotonic()
+        if not self.health_name:
+            return store
+        now = self.clock()
+        health = SourceHealth(
+            name=self.health_name,
+            kind="meter",
+            state="stopped" if stopping else "ok",
+            last_success=None if stopping else now,
+            detail=f"stopped; was {self.detail}" if stopping and self.detail else self.detail,
+            interval_s=self.heartbeat_s,
+        )
+        try:
+            if store is None:
+                store = Store(self.db_path)
+            store.record_health(health, now=now)
+        except Exception as exc:  # the next beat tries again
+            self.last_error = f"cannot write {self.db_path}: {type(exc).__name__}: {exc}"
+            log.warning("%s", self.last_error)
+        return store
 
     def _write(
         self, store: Store | None, items: Sequence[Exchange | MeteredRequest]
@@ -1189,11 +1297,18 @@ class Recorder:
                 # short slices of parsing and pricing, rather than after the switch interval.
                 time.sleep(0)
             try:
-                request = (
-                    finalize(item, self.book)
-                    if isinstance(item, Exchange)
-                    else price_request(self.book, item)
-                )
+                if isinstance(item, Exchange):
+                    found = extract(item)
+                    if found.usage is None and item.status < 400:
+                        if self._routing:
+                            self._estimates.put((item, found))
+                            continue
+                        with load_wait(0.0):  # a late one, after the estimator stopped
+                            request = finalize(item, self.book, found=found)
+                    else:
+                        request = finalize(item, self.book, found=found)
+                else:
+                    request = price_request(self.book, item)
             except Exception as exc:
                 self.errors += 1
                 self.last_error = f"could not read a response: {type(exc).__name__}"
@@ -1219,14 +1334,91 @@ class Recorder:
                             last_success=now,
                             newest_data=max(r.ts for r in requests),
                             detail=self.detail,
+                            interval_s=self.heartbeat_s,
                         ),
                         now=now,
                     )
+                    self._beat_at = time.monotonic()
                 return store
-            except Exception as exc:  # a locked or unwritable database: retry, then drop
+            except Exception as exc:  # a locked or unwritable database: retry, then spill
                 self.last_error = f"cannot write {self.db_path}: {type(exc).__name__}: {exc}"
                 time.sleep(0.05 * (attempt + 1))
         self.errors += 1
-        self.dropped += len(requests)
-        log.warning("%s; %d metered requests dropped", self.last_error, len(requests))
+        if self._spill(requests):
+            log.warning(
+                "%s; %d metered requests kept in %s",
+                self.last_error,
+                len(requests),
+                self.spill_path,
+            )
+        else:
+            self.dropped += len(requests)
+            log.warning("%s; %d metered requests dropped", self.last_error, len(requests))
+        return store
+
+    def _estimate(self) -> None:
+        """The estimator thread: finalizes the responses that reported no usage."""
+        while True:
+            item = self._estimates.get()
+            if item is _STOP:
+                break
+            if isinstance(item, _Flush):
+                self._queue.put(item)
+                continue
+            exchange, found = item
+            try:
+                # Wait for a first tokenizer load, unless (or until) the recorder is closing.
+                with load_wait(0.0 if self._hurry.is_set() else LOAD_TIMEOUT_S, self._hurry):
+                    request = finalize(exchange, None, found=found)
+            except Exception as exc:
+                self.errors += 1
+                self.last_error = f"could not estimate a response: {type(exc).__name__}"
+                log.warning("%s", self.last_error)
+                continue
+            if request is not None:
+                self._queue.put(request)  # priced and written by the recorder's thread
+        self._queue.put(_ESTIMATOR_DONE)
+
+    def _spill(self, requests: Sequence[MeteredRequest]) -> bool:
+        lines = []
+        for r in requests:
+            data = dataclasses.asdict(r)
+            data["ts"] = r.ts.isoformat()
+            lines.append(json.dumps(data, default=str) + "\n")
+        try:
+            with self.spill_path.open("a", encoding="utf-8") as f:
+                f.write("".join(lines))
+        except OSError as exc:
+            self.last_error += f"; cannot write {self.spill_path}: {exc.strerror or exc}"
+            return False
+        self.spilled += len(requests)
+        return True
+
+    def _import_spills(self, store: Store | None) -> Store | None:
+        """Write the requests that earlier recorders on this database could not."""
+        pattern = f"{glob.escape(self.db_path.name)}.*.spill"
+        try:
+            files = sorted(self.db_path.parent.glob(pattern))
+        except OSError:
+            return store
+        for path in files:
+            claimed = path.with_name(f"{path.name}.{os.getpid()}-{id(self):x}.importing")
+            try:
+                path.rename(claimed)  # atomic: two recorders never import the same file
+            except OSError:
+                continue
+            try:
+                text = claimed.read_text(encoding="utf-8")
+                requests = [_spilled_request(line) for line in text.splitlines() if line.strip()]
+                if store is None:
+                    store = Store(self.db_path)
+                store.write_batch(Batch(requests=tuple(requests)))
+            except Exception as exc:
+                self.last_error = f"cannot import {path}: {type(exc).__name__}: {exc}"
+                log.warning("%s", self.last_error)
+                with contextlib.suppress(OSError):
+                    claimed.rename(path)
+                continue
+            self.imported += len(requests)
+            claimed.unlink(missing_ok=True)
         return store

@@ -7,12 +7,21 @@ cost, without touching the application.
 Design, for speed and for streams that arrive as they are produced:
 
 - A small asyncio server on raw streams: one task per client connection, HTTP/1.1 keep-alive,
-  and a pool of keep-alive connections per upstream. No HTTP framework sits in between; this
-  adds well under a millisecond to a request on loopback (``bench/proxy_bench.py``).
+  and a pool of keep-alive connections per upstream (closed after ``pool_idle_s`` idle). No HTTP
+  framework sits in between; this adds well under a millisecond to a request on loopback
+  (``bench/proxy_bench.py``).
+- Messages are parsed by llhttp (through ``httptools``, its leniencies off), strictly as RFC 9112
+  asks: a request whose framing is ambiguous or whose head is malformed (``Content-Length`` with
+  ``Transfer-Encoding``, two lengths, a bad chunk size, a bare LF, a control character, a
+  missing or repeated ``Host``) is answered ``400`` and its connection closed, so no byte of it
+  can reach an upstream as a request of its own. A body over the limit gets a ``413`` naming the
+  limit, read off the wire before the close so that the client sees it. Hop-by-hop headers,
+  including those a ``Connection`` header names, are dropped both ways.
 - Response bodies are relayed as they are read: each read from the upstream is written to the
-  client before the next read, byte for byte. A chunked body keeps its chunk framing (it is
-  scanned, not re-encoded), so server-sent events reach the client exactly when the upstream
-  sends them. The meter (:class:`tokentop.collectors.meter.Observer`) sees a copy of the data.
+  client before the next read, byte for byte. A chunked body keeps its chunk framing (llhttp
+  follows it; it is not re-encoded), so server-sent events reach the client exactly when the
+  upstream sends them. The meter (:class:`tokentop.collectors.meter.Observer`) sees a copy of
+  the data. An upstream response with ambiguous framing is a ``502``.
 - Routing by path: ``/v1/messages...`` (or any request carrying ``anthropic-version``) goes to
   the Anthropic upstream, any other ``/v1/...`` to the OpenAI one. A base URL may carry a path
   prefix. ``GET /healthz`` answers locally.
@@ -36,11 +45,14 @@ import ssl
 import threading
 import time
 import weakref
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import urlsplit
+
+import httptools
 
 from tokentop.collectors.base import Clock, utcnow
 from tokentop.collectors.meter import (
@@ -63,6 +75,9 @@ READ_SIZE = 65536
 MAX_HEAD_BYTES = 65536
 MAX_REQUEST_BODY = 64 * 1024 * 1024
 MAX_IDLE_PER_UPSTREAM = 512
+LINGER_S = 30.0
+"""After refusing a request, how long what the client still sends is read and dropped."""
+LINGER_SILENCE_S = 2.0
 
 _HOP_BY_HOP = frozenset(
     {
@@ -137,8 +152,12 @@ class ProxyConfig:
     """Longest silence from an upstream (reasoning models can think for minutes)."""
     idle_timeout_s: float = 120.0
     """A client connection idle this long is closed."""
+    body_timeout_s: float = 30.0
+    """Longest silence from a client in the middle of a request's head or body (then ``408``)."""
+    max_request_bytes: int = MAX_REQUEST_BODY
+    """A request body longer than this is refused with ``413``."""
     pool_idle_s: float = 30.0
-    """An upstream connection idle this long is not reused."""
+    """An upstream connection idle this long is closed."""
 
 
 class _ClientError(Exception):
@@ -193,18 +212,15 @@ class _Request:
         target: bytes,
         version: bytes,
         headers: list[tuple[bytes, bytes, bytes]],
+        keep_alive: bool,
     ) -> None:
         self.method = method
         self.target = target
         self.version = version
         self.headers = headers
         """(lower-case name, name as sent, value)."""
+        self.keep_alive = keep_alive
         self.body = b""
-        connection = self.get(b"connection").lower()
-        if version == b"HTTP/1.1":
-            self.keep_alive = b"close" not in connection
-        else:
-            self.keep_alive = b"keep-alive" in connection
 
     def get(self, name: bytes) -> bytes:
         for lname, _name, value in self.headers:
@@ -213,82 +229,255 @@ class _Request:
         return b""
 
 
-def _parse_head(head: bytes) -> tuple[list[bytes], list[tuple[bytes, bytes, bytes]]]:
-    lines = head[:-4].split(b"\r\n")
-    headers = []
-    for line in lines[1:]:
-        name, sep, value = line.partition(b":")
-        if (
-            not sep
-            or not name
-            or name[-1:] in (b" ", b"\t")
-            or line[:1] in (b" ", b"\t")
-            or b"\n" in line
-            or b"\r" in line
-        ):
-            raise _ClientError(400, "malformed header line")
-        headers.append((name.lower(), name, value.strip(b" \t")))
-    return lines[0].split(b" ", 2), headers
+def _tokens(value: bytes) -> set[bytes]:
+    """The lower-case tokens of a comma-separated header value (``Connection``)."""
+    return {t.strip().lower() for t in value.split(b",")} - {b""}
 
 
-def _parse_request(head: bytes) -> _Request:
-    start, headers = _parse_head(head)
-    if len(start) != 3 or not start[2].startswith(b"HTTP/1."):
-        raise _ClientError(400, "malformed request line")
-    return _Request(start[0], start[1], start[2], headers)
+class _RequestReader:
+    """Reads one client connection's requests with llhttp, strictly (RFC 9112).
+
+    :meth:`feed` takes bytes as they arrive; finished requests (bodies read whole) wait in
+    :attr:`ready`, pipelined ones behind the first. The first error stops parsing for good: the
+    requests before it are served, then the client gets :attr:`error` and the connection
+    closes, so nothing after a malformed request is ever read as a request.
+    """
+
+    __slots__ = (
+        "_body",
+        "_body_size",
+        "_fields_size",
+        "_head_size",
+        "_headers",
+        "_parser",
+        "_request",
+        "_url",
+        "continue_needed",
+        "error",
+        "in_head",
+        "in_message",
+        "max_body",
+        "ready",
+    )
+
+    def __init__(self, max_body: int) -> None:
+        self._parser = httptools.HttpRequestParser(self)
+        self.max_body = max_body
+        self.ready: deque[_Request] = deque()
+        self.error: _ClientError | None = None
+        self.in_message = False
+        """Some of a request has arrived, not all of it."""
+        self.in_head = False
+        self.continue_needed = False
+        """The client waits for ``100 Continue`` before it sends the body."""
+        self._head_size = 0
+        self._fields_size = 0
+        """Bytes of the header (and trailer) fields read so far."""
+        self._url = b""
+        self._headers: list[tuple[bytes, bytes, bytes]] = []
+        self._request: _Request | None = None
+        self._body: list[bytes] = []
+        self._body_size = 0
+
+    def feed(self, data: bytes) -> None:
+        """Parse the next bytes from the client."""
+        while data and self.error is None:
+            head_before = self.in_head
+            rest = b""
+            try:
+                self._parser.feed_data(data)
+            except httptools.HttpParserUpgrade as exc:
+                # A request with Upgrade (and no body, see on_headers_complete) ended; the
+                # protocol stays HTTP/1.1 (Upgrade is hop-by-hop, never forwarded): read on.
+                self._parser = httptools.HttpRequestParser(self)
+                rest = data[int(exc.args[0]) :]
+            except httptools.HttpParserCallbackError:
+                if self.error is None:  # pragma: no cover - every callback failure sets it
+                    self.error = _ClientError(400, "malformed request")
+            except httptools.HttpParserError as exc:
+                self.error = _ClientError(400, f"malformed request: {exc}")
+            if self.in_head and self.error is None:
+                # llhttp sets no limit on a head; the bytes of an unfinished one are counted.
+                self._head_size = self._head_size + len(data) if head_before else len(data)
+                if self._head_size > MAX_HEAD_BYTES:
+                    self.error = _ClientError(431, "request head too large")
+            data = rest
+
+    def _fail(self, status: int, message: str) -> NoReturn:
+        self.error = _ClientError(status, message)
+        raise self.error
+
+    # llhttp's callbacks.
+
+    def on_message_begin(self) -> None:
+        self.in_message = self.in_head = True
+        self._url = b""
+        self._fields_size = 0
+        self._headers = []
+        self._request = None
+        self._body = []
+        self._body_size = 0
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        if len(self._url) > MAX_HEAD_BYTES:
+            self._fail(431, "request head too large")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._fields_size += len(name) + len(value) + 4
+        if self._fields_size > MAX_HEAD_BYTES:
+            self._fail(
+                431, "request head too large" if self._request is None else "trailers too large"
+            )
+        if self._request is None:  # trailers, after the body, are read and dropped
+            self._headers.append((name.lower(), name, value.strip(b" \t")))
+
+    def on_headers_complete(self) -> None:
+        parser = self._parser
+        version = parser.get_http_version()
+        if version not in ("1.1", "1.0"):
+            if version == "0.9":  # no version at all: a bare LF in the request line, say
+                self._fail(400, "malformed request line")
+            self._fail(505, f"HTTP/{version} is not supported (use HTTP/1.1)")
+        method = parser.get_method()
+        hosts = 0
+        length = te = expect = b""
+        tes = 0
+        connection: set[bytes] = set()
+        for lname, _name, value in self._headers:
+            if lname == b"host":
+                hosts += 1
+            elif lname == b"content-length":
+                length = value
+            elif lname == b"transfer-encoding":
+                te = value
+                tes += 1
+            elif lname == b"connection":
+                connection |= _tokens(value)
+            elif lname == b"expect":
+                expect = value.lower()
+        if hosts > 1 or (hosts == 0 and version == "1.1"):
+            self._fail(400, "a request needs exactly one Host header")
+        if tes:
+            if version == "1.0":
+                self._fail(400, "Transfer-Encoding in an HTTP/1.0 request")
+            if tes > 1 or te.lower() != b"chunked":
+                self._fail(501, "unsupported Transfer-Encoding (only chunked is accepted)")
+        elif length.isdigit() and int(length) > self.max_body:
+            self._fail(413, self.too_large())
+        has_body = bool(tes) or length.strip(b"0") != b""
+        if parser.should_upgrade():
+            # httptools skips the body of an Upgrade request; only a bodiless one can be served.
+            if method == b"CONNECT":
+                self._fail(405, "CONNECT is not supported")
+            if has_body:
+                self._fail(400, "a request with Upgrade and a body is not supported")
+        keep_alive = b"close" not in connection if version == "1.1" else b"keep-alive" in connection
+        self._request = _Request(
+            method, self._url, b"HTTP/" + version.encode(), self._headers, keep_alive
+        )
+        self.in_head = False
+        # A client waiting for 100 Continue: an HTTP/1.0 one never is (RFC 9110, 10.1.1).
+        self.continue_needed = has_body and expect == b"100-continue" and version == "1.1"
+
+    def on_body(self, body: bytes) -> None:
+        self.continue_needed = False
+        self._body_size += len(body)
+        if self._body_size > self.max_body:
+            self._fail(413, self.too_large())
+        self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        request = self._request
+        assert request is not None
+        body = self._body
+        request.body = body[0] if len(body) == 1 else b"".join(body)
+        self._body = []
+        self._request = None
+        self.ready.append(request)
+        self.in_message = self.in_head = self.continue_needed = False
+
+    def too_large(self) -> str:
+        """The 413 message, naming the limit."""
+        limit = self.max_body
+        shown = f"{limit / 1024 / 1024:g} MiB" if limit >= 1024 * 1024 else f"{limit:,} bytes"
+        return f"request body too large: the proxy's limit is {shown} ({limit:,} bytes)"
 
 
-class _ChunkedScanner:
-    """Follows a chunked body as its bytes pass: where it ends and the data it carries."""
+class _ExtraBytesError(ValueError):
+    """The upstream sent bytes after the end of its response."""
 
-    __slots__ = ("done", "line", "remaining", "state")
 
-    SIZE, DATA, DATA_END, TRAILER = range(4)
+class _Response:
+    """An upstream response as llhttp reads it: the head, then the data of a chunked body.
+
+    One per response. A response that goes on past its end (the start of another message in
+    the same read) raises from :meth:`feed`: that connection is cut rather than trusted.
+    """
+
+    __slots__ = (
+        "_begun",
+        "complete",
+        "data",
+        "head_done",
+        "headers",
+        "parser",
+        "reason",
+        "status",
+        "version",
+    )
 
     def __init__(self) -> None:
-        self.state = self.SIZE
-        self.remaining = 0
-        self.line = b""
-        self.done = False
+        self.parser = httptools.HttpResponseParser(self)
+        self.headers: list[tuple[bytes, bytes, bytes]] = []
+        """(lower-case name, name as sent, value)."""
+        self.reason = b""
+        self.status = 0
+        self.version = ""
+        self.head_done = False
+        self.complete = False
+        self.data: list[bytes] = []
+        self._begun = False
 
-    def feed(self, buf: bytes) -> tuple[int, list[bytes]]:
-        """How many bytes of ``buf`` belong to the body, and the chunk data among them."""
-        i, n = 0, len(buf)
-        data: list[bytes] = []
-        while i < n and not self.done:
-            if self.state == self.DATA:
-                take = min(self.remaining, n - i)
-                data.append(buf[i : i + take])
-                i += take
-                self.remaining -= take
-                if not self.remaining:
-                    self.state = self.DATA_END
-                continue
-            j = buf.find(b"\n", i)
-            if j < 0:
-                self.line += buf[i:]
-                if len(self.line) > 8192:
-                    raise ValueError("chunk line too long")
-                return n, data
-            line = (self.line + buf[i:j]).rstrip(b"\r")
-            self.line = b""
-            i = j + 1
-            if self.state == self.DATA_END:
-                if line:
-                    raise ValueError("chunk data overran its size")
-                self.state = self.SIZE
-            elif self.state == self.SIZE:
-                size = int(line.split(b";", 1)[0].strip() or b"x", 16)
-                if size < 0:
-                    raise ValueError("negative chunk size")
-                if size:
-                    self.remaining = size
-                    self.state = self.DATA
-                else:
-                    self.state = self.TRAILER
-            elif not line:  # the blank line after the trailers ends the body
-                self.done = True
-        return i, data
+    def feed(self, buf: bytes) -> list[bytes]:
+        """Parse the next bytes; returns the body data among them (raises ``ValueError``)."""
+        try:
+            self.parser.feed_data(buf)
+        except httptools.HttpParserCallbackError as exc:
+            if isinstance(exc.__context__, _ExtraBytesError):
+                raise exc.__context__ from None
+            raise ValueError(f"malformed response: {exc}") from None
+        except httptools.HttpParserUpgrade:
+            raise ValueError("switched protocols unasked") from None
+        except httptools.HttpParserError as exc:
+            raise ValueError(f"malformed response: {exc}") from None
+        data = self.data
+        if data:
+            self.data = []
+        return data
+
+    def on_message_begin(self) -> None:
+        if self._begun:
+            raise _ExtraBytesError("bytes after the end of the response")
+        self._begun = True
+
+    def on_status(self, reason: bytes) -> None:
+        self.reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self.head_done:  # trailers are not forwarded
+            self.headers.append((name.lower(), name, value.strip(b" \t")))
+
+    def on_headers_complete(self) -> None:
+        self.head_done = True
+        self.status = self.parser.get_status_code()
+        self.version = self.parser.get_http_version()
+
+    def on_body(self, body: bytes) -> None:
+        self.data.append(body)
+
+    def on_message_complete(self) -> None:
+        self.complete = True
 
 
 class _Conn:
@@ -362,6 +551,23 @@ class _Pool:
         conn.idle_since = time.monotonic()
         idle.append(conn)
 
+    def sweep(self) -> None:
+        """Close the connections idle for ``idle_s`` or more, and those their upstream closed."""
+        now = time.monotonic()
+        for idle in self._idle.values():
+            # Newest last (acquire takes from the end), so the stale ones lead.
+            stale = 0
+            for conn in idle:
+                if now - conn.idle_since < self.idle_s:
+                    break
+                stale += 1
+            for conn in idle[:stale]:
+                conn.close()
+            del idle[:stale]
+            for conn in [c for c in idle if c.reader.at_eof() or c.writer.is_closing()]:
+                conn.close()
+                idle.remove(conn)
+
     def close(self) -> None:
         for idle in self._idle.values():
             for conn in idle:
@@ -402,6 +608,8 @@ class MeteringProxy:
         self.clock = clock
         self.requests = 0
         self.errors = 0
+        self.refused = 0
+        """Requests answered 4xx/5xx by the proxy itself: malformed, too large, stalled."""
         self._pool = _Pool(config.connect_timeout_s, config.pool_idle_s)
         self._server: asyncio.Server | None = None
         self._clients: dict[asyncio.Task[Any], _Client] = {}
@@ -409,6 +617,7 @@ class MeteringProxy:
         self._in_flight = 0
         self._idle: asyncio.Event | None = None
         self._stopping = False
+        self._sweeper: asyncio.TimerHandle | None = None
         self.port = config.port
 
     async def wait_idle(self) -> None:
@@ -429,7 +638,15 @@ class MeteringProxy:
             reuse_address=True,
         )
         self.port = self._server.sockets[0].getsockname()[1]
+        self._sweep()
         return self.port
+
+    def _sweep(self) -> None:
+        """Close idle upstream connections now and then (a quiet proxy holds no sockets)."""
+        self._pool.sweep()
+        if not self._stopping:
+            every = min(max(self.config.pool_idle_s / 4, 0.05), 5.0)
+            self._sweeper = asyncio.get_running_loop().call_later(every, self._sweep)
 
     @property
     def url(self) -> str:
@@ -440,6 +657,8 @@ class MeteringProxy:
     async def stop(self, grace_s: float = 10.0) -> None:
         """Stop accepting, let requests in flight finish (up to ``grace_s``), close the rest."""
         self._stopping = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         if self._server is not None:
             self._server.close()
         for client in self._clients.values():
@@ -467,34 +686,14 @@ class MeteringProxy:
         assert task is not None
         client = _Client(writer)
         self._clients[task] = client
-        loop = asyncio.get_running_loop()
+        requests = _RequestReader(self.config.max_request_bytes)
         try:
             while not self._stopping:
                 client.busy = False
-                timer = loop.call_later(self.config.idle_timeout_s, writer.transport.close)
-                try:
-                    head = await reader.readuntil(b"\r\n\r\n")
-                except asyncio.LimitOverrunError:
-                    writer.write(_response(431, b"", close=True))
+                request = await self._next_request(requests, reader, writer)
+                if request is None:
                     break
-                except (asyncio.IncompleteReadError, ConnectionError):
-                    break
-                finally:
-                    timer.cancel()
                 client.busy = True
-                try:
-                    request = _parse_request(head)
-                    await self._read_body(request, reader, writer)
-                except _ClientError as exc:
-                    body = error_body(exc.status, exc.message, "invalid_request")
-                    writer.write(_response(exc.status, body, close=True))
-                    break
-                except (asyncio.IncompleteReadError, ConnectionError):
-                    break
-                except ValueError:  # a chunk line longer than the stream's limit
-                    body = error_body(400, "malformed chunked body", "invalid_request")
-                    writer.write(_response(400, body, close=True))
-                    break
                 self._in_flight += 1
                 try:
                     keep = await self._handle(request, writer)
@@ -513,50 +712,68 @@ class MeteringProxy:
             self._clients.pop(task, None)
             writer.transport.close()
 
-    async def _read_body(
-        self, request: _Request, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        if request.get(b"expect").lower() == b"100-continue":
-            writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        te = request.get(b"transfer-encoding").lower()
-        if te:
-            if te.rsplit(b",", 1)[-1].strip() != b"chunked":
-                raise _ClientError(501, "unsupported transfer-encoding")
-            request.body = await self._read_chunked_request(reader)
-            return
-        length = request.get(b"content-length")
-        if length:
-            if not length.isdigit():
-                raise _ClientError(400, "bad content-length")
-            n = int(length)
-            if n > MAX_REQUEST_BODY:
-                raise _ClientError(413, "request body too large")
-            request.body = await reader.readexactly(n) if n else b""
-
-    @staticmethod
-    async def _read_chunked_request(reader: asyncio.StreamReader) -> bytes:
-        parts: list[bytes] = []
-        size = 0
-        while True:
-            line = await reader.readline()
-            if not line.endswith(b"\n"):
-                raise asyncio.IncompleteReadError(line, None)
+    async def _next_request(
+        self,
+        requests: _RequestReader,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+    ) -> _Request | None:
+        """The client's next whole request; ``None`` once the connection is to be closed."""
+        loop = asyncio.get_running_loop()
+        while not requests.ready:
+            if requests.error is not None:
+                await self._refuse(requests.error, reader, writer)
+                return None
+            timeout = (
+                self.config.body_timeout_s if requests.in_message else self.config.idle_timeout_s
+            )
+            timer = loop.call_later(timeout, self._client_timed_out, requests, writer)
             try:
-                n = int(line.split(b";", 1)[0].strip() or b"x", 16)
-            except ValueError:
-                raise _ClientError(400, "malformed chunked body") from None
-            if n < 0:
-                raise _ClientError(400, "malformed chunked body")
-            if n == 0:
-                while (await reader.readline()).strip(b"\r\n"):
-                    pass  # trailers are not forwarded
-                return b"".join(parts)
-            size += n
-            if size > MAX_REQUEST_BODY:
-                raise _ClientError(413, "request body too large")
-            parts.append(await reader.readexactly(n))
-            if (await reader.readline()).strip(b"\r\n"):
-                raise _ClientError(400, "malformed chunked body")
+                data = await reader.read(READ_SIZE)
+            except ConnectionError:
+                return None
+            finally:
+                timer.cancel()
+            if not data:  # the client closed (or timed out), maybe in the middle of a request
+                return None
+            requests.feed(data)
+            if requests.continue_needed:
+                requests.continue_needed = False
+                writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        return requests.ready.popleft()
+
+    def _client_timed_out(self, requests: _RequestReader, writer: asyncio.StreamWriter) -> None:
+        if requests.in_message:
+            self.refused += 1
+            seconds = self.config.body_timeout_s
+            message = f"tokentop proxy: the request stalled for {seconds:g} s"
+            writer.write(_response(408, error_body(408, message, "timeout"), close=True))
+        writer.transport.close()  # sends what is written first; the pending read sees the end
+
+    async def _refuse(
+        self, error: _ClientError, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        """Answer a request that cannot be served, then close its connection.
+
+        What the client still sends (a refused body, typically) is read and dropped for a while
+        first: closing a socket with unread bytes resets the connection, and a reset can reach
+        the client before the answer does.
+        """
+        self.refused += 1
+        body = error_body(error.status, f"tokentop proxy: {error.message}", "invalid_request")
+        writer.write(_response(error.status, body, close=True))
+        try:
+            await writer.drain()
+            if writer.can_write_eof():
+                writer.write_eof()
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + LINGER_S
+            while (left := deadline - loop.time()) > 0:
+                async with asyncio.timeout(min(left, LINGER_SILENCE_S)):
+                    if not await reader.read(READ_SIZE):
+                        break
+        except (TimeoutError, ConnectionError):
+            pass
 
     def _route(self, request: _Request) -> tuple[Upstream, bytes] | None:
         target = request.target
@@ -638,9 +855,7 @@ class MeteringProxy:
         parts.append(b"\r\n")
         return b"".join(parts)
 
-    async def _send(
-        self, upstream: Upstream, head: bytes, body: bytes
-    ) -> tuple[_Conn, list[bytes], list[tuple[bytes, bytes, bytes]], bytes]:
+    async def _send(self, upstream: Upstream, head: bytes, body: bytes) -> tuple[_Conn, _Response]:
         """Send the request and read the response head, retrying once on a stale connection."""
         loop = asyncio.get_running_loop()
         for attempt in (0, 1):
@@ -651,22 +866,19 @@ class MeteringProxy:
                 conn.writer.write(head + body if len(body) < 65536 else head)
                 if len(body) >= 65536:
                     conn.writer.write(body)
-                while True:
+                while True:  # interim (1xx) responses are read and dropped
                     raw = await conn.reader.readuntil(b"\r\n\r\n")
-                    start, headers = _parse_head(raw)
-                    if (
-                        len(start) < 2
-                        or not start[0].startswith(b"HTTP/1.")
-                        or not start[1].isdigit()
-                    ):
+                    response = _Response()
+                    try:
+                        response.feed(raw)
+                    except ValueError as exc:
+                        conn.close()
+                        raise _UpstreamError(f"{upstream.url} sent a {exc}") from None
+                    if not response.head_done or response.version not in ("1.1", "1.0"):
                         conn.close()
                         raise _UpstreamError(f"{upstream.url} sent a malformed response")
-                    status = int(start[1])
-                    if status == 101:  # never asked for: Upgrade is not forwarded
-                        conn.close()
-                        raise _UpstreamError(f"{upstream.url} switched protocols unasked")
-                    if status >= 200:
-                        return conn, start, headers, raw
+                    if response.status >= 200:
+                        return conn, response
             except asyncio.IncompleteReadError as exc:
                 conn.close()
                 if reused and not exc.partial and not conn.timed_out:
@@ -674,7 +886,7 @@ class MeteringProxy:
                 raise _UpstreamError(
                     self._failure(upstream, conn, "closed the connection")
                 ) from None
-            except (OSError, asyncio.LimitOverrunError, _ClientError) as exc:
+            except (OSError, asyncio.LimitOverrunError) as exc:
                 conn.close()
                 if reused and isinstance(exc, ConnectionError) and not conn.timed_out:
                     continue
@@ -698,12 +910,13 @@ class MeteringProxy:
         started: float,
         path: str,
     ) -> bool:
-        conn, start, headers, _raw = await self._send(upstream, head, request.body)
-        status = int(start[1])
-        reason = start[2] if len(start) > 2 else b""
+        conn, response = await self._send(upstream, head, request.body)
+        status = response.status
+        reason = response.reason
+        headers = response.headers
         te = b""
         length = b""
-        upstream_close = start[0] == b"HTTP/1.0"
+        named: set[bytes] = set()
         content_type = content_encoding = b""
         for lname, _name, value in headers:
             if lname == b"transfer-encoding":
@@ -711,10 +924,7 @@ class MeteringProxy:
             elif lname == b"content-length":
                 length = value
             elif lname == b"connection":
-                lowered = value.lower()
-                upstream_close = b"close" in lowered or (
-                    upstream_close and b"keep-alive" not in lowered
-                )
+                named |= _tokens(value)
             elif lname == b"content-type":
                 content_type = value
             elif lname == b"content-encoding":
@@ -733,13 +943,21 @@ class MeteringProxy:
             framing = "length"
         else:
             framing = "close"
+        upstream_close = (
+            b"keep-alive" not in named if response.version == "1.0" else b"close" in named
+        )
+        # Headers the upstream's Connection names are hop-by-hop too (never the body's length).
+        named.discard(b"content-length")
         client_http11 = request.version == b"HTTP/1.1"
         dechunk = framing == "chunked" and not client_http11
         close_client = framing == "close" or dechunk or not request.keep_alive or self._stopping
 
         out = [b"HTTP/1.1 %d " % status, reason, b"\r\n"]
         for lname, name, value in headers:
-            if lname in _HOP_BY_HOP and not (lname == b"transfer-encoding" and not dechunk):
+            if lname in _HOP_BY_HOP:
+                if lname != b"transfer-encoding" or dechunk:
+                    continue
+            elif named and lname in named:
                 continue
             out += (name, b": ", value, b"\r\n")
         if close_client:
@@ -766,7 +984,7 @@ class MeteringProxy:
         complete = False
         try:
             if framing == "chunked":
-                reusable = await self._relay_chunked(conn, writer, observer, dechunk)
+                reusable = await self._relay_chunked(conn, response, writer, observer, dechunk)
             elif framing == "length":
                 reusable = await self._relay_length(conn, writer, observer, int(length))
             elif framing == "close":
@@ -828,16 +1046,18 @@ class MeteringProxy:
     async def _relay_chunked(
         self,
         conn: _Conn,
+        response: _Response,
         writer: asyncio.StreamWriter,
         observer: Observer | None,
         dechunk: bool,
     ) -> bool:
-        scanner = _ChunkedScanner()
-        while not scanner.done:
+        # llhttp follows the framing (and refuses a malformed one) while the bytes pass on as
+        # they came; a read that runs past the body's end raises before it is relayed.
+        while not response.complete:
             buf = await self._read(conn)
             if not buf:
                 raise asyncio.IncompleteReadError(b"", None)
-            used, data = scanner.feed(buf)
+            data = response.feed(buf)
             if observer is not None:
                 for part in data:
                     observer.feed(part)
@@ -845,9 +1065,7 @@ class MeteringProxy:
                 if data:
                     await self._write(writer, b"".join(data))
             else:
-                await self._write(writer, buf if used == len(buf) else buf[:used])
-            if used < len(buf):
-                return False  # bytes after the end of the body: do not trust this connection
+                await self._write(writer, buf)
         return True
 
     async def _relay_length(

@@ -4,21 +4,45 @@ tiktoken fetches its encoding files from the internet on first use. When that is
 (offline, or ``TOKENTOP_OFFLINE`` is set, as the tests do) the count falls back to about four
 characters a token and says it is approximate. Non-OpenAI models are always approximate: their
 tokenisers are not public.
+
+An encoding is loaded in a background thread, once. A failure is remembered: later counts fall
+back at once instead of trying the download again (offline, each try can take seconds), and a
+new try starts in the background at most every :data:`RETRY_S`, with no caller waiting for it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import threading
-from dataclasses import dataclass
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 DEFAULT_ENCODING = "o200k_base"
 LOAD_TIMEOUT_S = 15.0
+"""Longest wait for an encoding's first load (a hung download cannot hang the caller)."""
+RETRY_S = 300.0
+"""After a failed load, how long until the encoding is tried again (in the background)."""
 
-_cache: dict[str, Any] = {}
+
+@dataclass(slots=True)
+class _Encoding:
+    """One encoding's load: loaded, loading, or failed (and when)."""
+
+    enc: Any = None
+    loading: bool = False
+    done: threading.Event = field(default_factory=threading.Event)
+    error: str = ""
+    failed_at: float | None = None
+    """``time.monotonic()`` of the last failure (or of a first wait that timed out)."""
+
+
+_cache: dict[str, _Encoding] = {}
 _lock = threading.Lock()
+_local = threading.local()
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,30 +65,80 @@ def _known_encoding(model: str) -> str | None:
         return None
 
 
-def _load(name: str) -> tuple[Any | None, str]:
-    """The encoding, or ``None`` and why not. Loading runs in a daemon thread with a timeout so
-    a hung download cannot hang the command."""
-    with _lock:
-        if name in _cache:
-            return _cache[name], ""
-    result: dict[str, Any] = {}
+@contextlib.contextmanager
+def load_wait(seconds: float, cancel: threading.Event | None = None) -> Iterator[None]:
+    """Inside the block, this thread waits at most ``seconds`` for an encoding's first load,
+    and stops waiting as soon as ``cancel`` is set (the count then falls back to an estimate).
+
+    Outside any such block the wait is :data:`LOAD_TIMEOUT_S`.
+    """
+    previous = getattr(_local, "wait", None)
+    _local.wait = (seconds, cancel)
+    try:
+        yield
+    finally:
+        _local.wait = previous
+
+
+def _start(name: str, state: _Encoding) -> None:
+    """Load ``name`` in a daemon thread (call with ``_lock`` held)."""
+    state.loading = True
+    state.done = threading.Event()
 
     def load() -> None:
+        enc: Any = None
+        error = ""
         try:
             import tiktoken
 
-            result["enc"] = tiktoken.get_encoding(name)
+            enc = tiktoken.get_encoding(name)
         except Exception as exc:  # offline, blocked, corrupted cache: all mean "unavailable"
-            result["error"] = f"{type(exc).__name__}"
+            error = type(exc).__name__
+        with _lock:
+            if enc is not None:
+                state.enc, state.error, state.failed_at = enc, "", None
+            else:
+                state.error, state.failed_at = error, time.monotonic()
+            state.loading = False
+            state.done.set()
 
-    thread = threading.Thread(target=load, daemon=True, name="tiktoken-load")
-    thread.start()
-    thread.join(LOAD_TIMEOUT_S)
-    if "enc" not in result:
-        return None, result.get("error", "timed out")
+    threading.Thread(target=load, daemon=True, name=f"tiktoken-load-{name}").start()
+
+
+def _load(name: str) -> tuple[Any | None, str]:
+    """The encoding, or ``None`` and why not."""
     with _lock:
-        _cache[name] = result["enc"]
-    return result["enc"], ""
+        state = _cache.get(name)
+        if state is None:
+            state = _cache[name] = _Encoding()
+        if state.enc is not None:
+            return state.enc, ""
+        if state.failed_at is not None:  # known to be unavailable: never wait again
+            if not state.loading and time.monotonic() - state.failed_at >= RETRY_S:
+                _start(name, state)
+            return None, state.error
+        if not state.loading:
+            _start(name, state)
+        done = state.done
+    seconds, cancel = getattr(_local, "wait", None) or (LOAD_TIMEOUT_S, None)
+    if cancel is None:
+        done.wait(seconds)
+    else:
+        deadline = time.monotonic() + seconds
+        while not done.is_set() and not cancel.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            done.wait(min(0.05, left))
+    with _lock:
+        if state.enc is not None:
+            return state.enc, ""
+        expired = seconds > 0 and not done.is_set() and not (cancel and cancel.is_set())
+        if expired and state.failed_at is None:
+            # A load that hangs counts as failed: nobody waits for it again (it may still
+            # finish in the background, and is used from then on).
+            state.error, state.failed_at = f"timed out after {seconds:g} s", time.monotonic()
+        return None, state.error or "still loading"
 
 
 def count_tokens(text: str, model: str, provider: str = "") -> TokenCount:

@@ -7,16 +7,39 @@ A poll that says it re-read a window (:class:`~tokentop.store.records.UsageWindo
 window, so re-polling never counts twice. Usage is rolled up by hour and by UTC day, GPU and
 inference samples by hour, all kept in step on every write, so that long windows are summed from a
 few thousand rows instead of millions.
+
+Totals over series are rolled up too, per bucket start, hour and UTC day, so that a figure summed
+over every series reads as many rows whether the organisation has 40 series or 4,000:
+
+- ``usage_model*``: per *stream* (a source's model at a provider: ``stream`` and ``origin`` ids),
+  for the Model mix and cost by model;
+- ``usage_total*``: per *origin* (a source at a provider), for totals, burn rates and the spend
+  chart. An origin is the unit the "counted" scope decides on (a metered provider that an admin
+  source covers), so the scopes still apply to these totals;
+- ``usage_group_hour`` and ``usage_group_day``: per project, API key and tag (and origin), for
+  the grouped tables over long windows.
+
+Retention (:mod:`tokentop.store.retention`) folds one-minute buckets older than a horizon into one
+bucket per series and hour (then hours into UTC days) *in* ``usage`` itself: a folded bucket
+starts at its first minute with data and is as wide as the data it holds, so every rollup stays a
+function of ``usage`` and a window counts a folded bucket by its start, as it does any bucket.
+Writes that reach behind the horizon (``meta`` ``retention.minutes_before``) land in settled
+cells: a window still replaces what it wholly covers, and a bucket whose minute is inside a
+folded bucket of its series is left out (the folded figures stand; counting it again could count
+it twice).
 """
 
 from __future__ import annotations
 
+import operator
 import sqlite3
 import threading
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
+from operator import attrgetter, itemgetter
 from pathlib import Path
 from typing import Any
 
@@ -35,15 +58,33 @@ from tokentop.store.records import (
     to_epoch,
 )
 
-SCHEMA_VERSION = 2
-"""1: one wide ``usage`` table keyed on every dimension. 2: ``series`` ids, ``usage_day``."""
+SCHEMA_VERSION = 3
+"""1: one wide ``usage`` table keyed on every dimension. 2: ``series`` ids, ``usage_day``
+(later given ``source.interval_s``, a nullable column added in place: older versions read and
+write such a file unchanged, so the version stays). 3: ``origin`` and ``stream`` ids
+(``series.stream_id``), rollups summed over series (``usage_model*``, ``usage_total*``), per-group
+rollups (``usage_group_*``) and retention (folded buckets, horizons in ``meta``)."""
 HOUR = 3600
 DAY = 86400
+GROUP_DIMENSIONS: tuple[str, ...] = ("project", "api_key", "tag")
+"""Dimensions with their own hourly and daily rollups (``usage_group_*``); the model has its own
+tables (``usage_model*``)."""
+MINUTES_BEFORE = "retention.minutes_before"
+"""``meta`` key: usage finer than an hour, GPU and inference samples and metered requests that
+start before this (Unix seconds, a whole hour) have been folded into hours (or dropped, their
+hours kept). Absent until the first compaction."""
+HOURS_BEFORE = "retention.hours_before"
+"""``meta`` key: usage finer than a day and hourly GPU and inference rows before this (a UTC
+midnight) have been folded into days."""
+MINUTES_CURSOR = "retention.minutes_cursor"
+"""``meta`` key: where the next minute-level compaction starts; a write behind the horizon moves
+it back so that what it wrote is folded too."""
+HOURS_CURSOR = "retention.hours_cursor"
+"""``meta`` key: where the next hour-level compaction starts."""
 
 SERIES_COLUMNS: tuple[str, ...] = ("source", "provider", "model", *USAGE_DIMENSIONS)
 """What identifies a series (and what ``usage_rows`` exposes of it), in this order."""
 _SERIES = ", ".join(SERIES_COLUMNS)
-_DIM_COLUMNS = ",\n    ".join(f"{d} TEXT NOT NULL DEFAULT ''" for d in USAGE_DIMENSIONS)
 USAGE_SUMS: tuple[str, ...] = (
     "input_uncached",
     "cache_read",
@@ -57,6 +98,11 @@ USAGE_SUMS: tuple[str, ...] = (
 """The summed columns of ``usage`` and of its rollups."""
 _SUMS = ", ".join(USAGE_SUMS)
 _SUM_COLUMNS = ",\n    ".join(f"{c} INTEGER NOT NULL DEFAULT 0" for c in USAGE_SUMS)
+SUMMED: tuple[str, ...] = (*USAGE_SUMS, "unpriced_tokens", "unpriced_requests")
+"""The columns of the rollups summed over series (``usage_total*``, ``usage_model*``,
+``usage_group_*``): priced and unpriced usage share a row, the unpriced part counted apart (a
+``priced`` key column would make the per-start rollup a sort instead of an ordered scan)."""
+_SUMMED_COLUMNS = ",\n    ".join(f"{c} INTEGER NOT NULL DEFAULT 0" for c in SUMMED)
 
 
 def _usage_rollup_ddl(table: str) -> str:
@@ -71,29 +117,116 @@ CREATE TABLE IF NOT EXISTS {table} (
 """
 
 
-SCHEMA = f"""
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+def _summed_ddl(table: str, *keys: str) -> str:
+    return f"""
+CREATE TABLE IF NOT EXISTS {table} (
+    start INTEGER NOT NULL,
+    {"".join(f"{k} INTEGER NOT NULL, " for k in keys)}
+    {_SUMMED_COLUMNS},
+    PRIMARY KEY (start, {", ".join(keys)})
+) WITHOUT ROWID;
+"""
 
-CREATE TABLE IF NOT EXISTS series (
-    id INTEGER PRIMARY KEY,
-    source TEXT NOT NULL,
-    provider TEXT NOT NULL,
-    model TEXT NOT NULL,
-    {_DIM_COLUMNS},
-    UNIQUE ({_SERIES})
-);
 
+def _group_rollup_ddl(table: str) -> str:
+    # Keyed on the dimension first: a grouped query reads one contiguous range.
+    return f"""
+CREATE TABLE IF NOT EXISTS {table} (
+    dim TEXT NOT NULL,
+    start INTEGER NOT NULL,
+    value TEXT NOT NULL,
+    origin_id INTEGER NOT NULL,
+    {_SUMMED_COLUMNS},
+    PRIMARY KEY (dim, start, value, origin_id)
+) WITHOUT ROWID;
+"""
+
+
+def _create_rowid_tables(db: sqlite_utils.Database) -> None:
+    """Create the small rowid tables that are missing, through sqlite-utils' table API."""
+    meta = db.table("meta")
+    if not meta.exists():
+        meta.create({"key": str, "value": str}, pk="key", not_null=["value"])
+    series = db.table("series")
+    if not series.exists():
+        series.create(
+            {"id": int, **dict.fromkeys(SERIES_COLUMNS, str), "stream_id": int},
+            pk="id",
+            not_null=SERIES_COLUMNS,
+            defaults=dict.fromkeys(USAGE_DIMENSIONS, ""),
+        )
+        # A series is its dimensions: one id each (writes rely on it: ON CONFLICT DO NOTHING).
+        series.create_index(SERIES_COLUMNS, index_name="series_key", unique=True)
+    elif "stream_id" not in series.columns_dict:  # version 2: filled in by the migration
+        series.add_column("stream_id", int)
+    # An origin is a source at a provider; a stream, an origin's model. Both are small and their
+    # ids never change, like series ids.
+    origin = db.table("origin")
+    if not origin.exists():
+        origin.create(
+            {"id": int, "source": str, "provider": str},
+            pk="id",
+            not_null=["source", "provider"],
+        )
+        origin.create_index(["source", "provider"], index_name="origin_key", unique=True)
+    price = db.table("price")
+    if not price.exists():
+        # The rule that priced a bucket, stored once: the text is most of a bucket's bytes.
+        price.create({"id": int, "ref": str}, pk="id", not_null=["ref"])
+        price.create_index(["ref"], index_name="price_ref", unique=True)
+    stream = db.table("stream")
+    if not stream.exists():
+        stream.create(
+            {"id": int, "origin_id": int, "model": str},
+            pk="id",
+            not_null=["origin_id", "model"],
+        )
+        stream.create_index(["origin_id", "model"], index_name="stream_key", unique=True)
+    source = db.table("source")
+    if not source.exists():
+        source.create(
+            {
+                "name": str,
+                "kind": str,
+                "state": str,
+                "last_success": int,
+                "last_error": str,
+                "last_error_at": int,
+                "lag_s": float,
+                "calls": int,
+                "watermark": int,
+                "detail": str,
+                "newest_data": int,
+                "updated_at": int,
+                "interval_s": float,
+            },
+            pk="name",
+            not_null=["kind", "state", "last_error", "calls", "detail"],
+            defaults={"kind": "", "state": "starting", "last_error": "", "calls": 0, "detail": ""},
+        )
+
+
+WITHOUT_ROWID_SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS usage (
     start INTEGER NOT NULL,
+    origin_id INTEGER NOT NULL,
     series_id INTEGER NOT NULL,
     width INTEGER NOT NULL,
     {_SUM_COLUMNS},
     priced INTEGER NOT NULL,
-    price_ref TEXT NOT NULL DEFAULT '',
-    PRIMARY KEY (start, series_id, width)
+    price_id INTEGER NOT NULL,
+    PRIMARY KEY (start, origin_id, series_id, width)
 ) WITHOUT ROWID;
 {_usage_rollup_ddl("usage_hour")}
 {_usage_rollup_ddl("usage_day")}
+{_summed_ddl("usage_model", "origin_id", "stream_id")}
+{_summed_ddl("usage_total", "origin_id")}
+{_summed_ddl("usage_total_hour", "origin_id")}
+{_summed_ddl("usage_total_day", "origin_id")}
+{_summed_ddl("usage_model_hour", "stream_id")}
+{_summed_ddl("usage_model_day", "stream_id")}
+{_group_rollup_ddl("usage_group_hour")}
+{_group_rollup_ddl("usage_group_day")}
 
 CREATE TABLE IF NOT EXISTS billed (
     day INTEGER NOT NULL,
@@ -106,6 +239,7 @@ CREATE TABLE IF NOT EXISTS billed (
     currency TEXT NOT NULL DEFAULT 'usd',
     PRIMARY KEY (day, source, project, line_item, workspace)
 ) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS billed_provider ON billed (provider);
 
 CREATE TABLE IF NOT EXISTS gpu (
     ts INTEGER NOT NULL,
@@ -184,21 +318,6 @@ CREATE TABLE IF NOT EXISTS request (
     PRIMARY KEY (ts, source, request_id)
 ) WITHOUT ROWID;
 
-CREATE TABLE IF NOT EXISTS source (
-    name TEXT PRIMARY KEY,
-    kind TEXT NOT NULL DEFAULT '',
-    state TEXT NOT NULL DEFAULT 'starting',
-    last_success INTEGER,
-    last_error TEXT NOT NULL DEFAULT '',
-    last_error_at INTEGER,
-    lag_s REAL,
-    calls INTEGER NOT NULL DEFAULT 0,
-    watermark INTEGER,
-    detail TEXT NOT NULL DEFAULT '',
-    newest_data INTEGER,
-    updated_at INTEGER
-);
-
 CREATE TABLE IF NOT EXISTS source_calls (
     minute INTEGER NOT NULL,
     name TEXT NOT NULL,
@@ -206,6 +325,9 @@ CREATE TABLE IF NOT EXISTS source_calls (
     PRIMARY KEY (minute, name)
 ) WITHOUT ROWID;
 """
+"""The tables keyed on their primary key alone (clustered, no rowid), as SQL: sqlite-utils'
+``Table.create`` cannot make a ``WITHOUT ROWID`` table, and its ``transform`` would quietly turn
+one into a rowid table (a second copy of every key, in an index)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,21 +361,44 @@ INFERENCE_ROLLUP = Rollup(
 )
 
 
+def _enable_wal(db: sqlite_utils.Database, tries: int = 40) -> None:
+    """WAL mode, retried: many processes opening a new file at once can see "database is
+    locked" from the journal-mode switch, which does not always wait on the busy timeout."""
+    for attempt in range(tries):
+        try:
+            db.enable_wal()
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or attempt == tries - 1:
+                raise
+            time.sleep(0.05 + 0.01 * attempt)
+
+
 class StoreError(ValueError):
     """The database file cannot be used as it is (e.g. an older schema opened read-only)."""
 
 
 _SERIES_INSERT = (
-    f"INSERT INTO series ({_SERIES}) VALUES ({', '.join('?' * len(SERIES_COLUMNS))})"
-    " ON CONFLICT DO NOTHING"
+    f"INSERT INTO series ({_SERIES}, stream_id)"
+    f" VALUES ({', '.join('?' * (len(SERIES_COLUMNS) + 1))}) ON CONFLICT DO NOTHING"
 )
 _SERIES_SELECT = f"SELECT id FROM series WHERE {' AND '.join(f'{c} = ?' for c in SERIES_COLUMNS)}"
 _USAGE_INSERT = (
-    f"INSERT OR REPLACE INTO usage (start, series_id, width, {_SUMS}, priced, price_ref)"
-    f" VALUES ({', '.join('?' * (len(USAGE_SUMS) + 5))})"
+    f"INSERT OR REPLACE INTO usage (start, origin_id, series_id, width, {_SUMS}, priced,"
+    f" price_id) VALUES ({', '.join('?' * (len(USAGE_SUMS) + 6))})"
 )
+_USAGE_APPEND = _USAGE_INSERT.replace("INSERT OR REPLACE", "INSERT", 1)
 _OF_SOURCE = "series_id IN (SELECT id FROM series WHERE source = ?)"
 """A source's series (the series table is small; its unique index starts with ``source``)."""
+_BUCKET_KEY = attrgetter("source", "provider", "model", *USAGE_DIMENSIONS)
+"""A bucket's :data:`SERIES_COLUMNS` values, in one C call."""
+_BUCKET_VALUES = attrgetter("width_s", *USAGE_SUMS)
+"""A bucket's ``usage`` columns after ``series_id`` and before ``priced``."""
+_SECOND = itemgetter(1)
+_OF_ORIGINS = "origin_id IN (SELECT id FROM origin WHERE source = ?)"
+"""A source's origins (``usage`` is clustered on ``(start, origin_id)``)."""
+_CELL = f"(CASE WHEN start < ? THEN {DAY} ELSE {HOUR} END)"
+"""The width of the compaction cell of a row behind the horizon (``?``: the hours horizon)."""
 
 
 def _ms(when: datetime) -> int:
@@ -285,16 +430,30 @@ class Store:
             conn = sqlite3.connect(self.path, check_same_thread=False, timeout=10)
         conn.isolation_level = None
         self.conn = conn
-        self.db = sqlite_utils.Database(conn)
+        # Neither sqlite-utils' default PRAGMA recursive_triggers nor its plugins' connection hooks:
+        # the connection stays as set up here (autocommit, transactions opened by this class).
+        self.db = sqlite_utils.Database(conn, recursive_triggers=False, execute_plugins=False)
+        """The same connection, through sqlite-utils: schema creation, migrations and WAL."""
         self._lock = threading.RLock()
         self._series: dict[tuple[Any, ...], int] = {}
         """Series ids by :data:`SERIES_COLUMNS` values; ids never change once assigned."""
+        self._streams: dict[tuple[str, str, str], tuple[int, int]] = {}
+        """Stream and origin ids by (source, provider, model)."""
+        self._origins: dict[int, tuple[int, int]] = {}
+        """(origin, stream) ids by series id (``usage`` is clustered on the origin)."""
+        self._origin_sources: dict[int, str] = {}
+        """Source names by origin id."""
+        self._prices: dict[str, int] = {}
+        """Price reference ids by text."""
+        self.left_out = 0
+        """Buckets, requests and samples this connection did not write because they reached into
+        cells that retention had already folded (see the module's docstring)."""
         try:
             conn.execute("PRAGMA busy_timeout = 10000")
             if readonly:
                 self._check_version()
             else:
-                conn.execute("PRAGMA journal_mode = WAL")
+                _enable_wal(self.db)
                 conn.execute("PRAGMA synchronous = NORMAL")
                 self._migrate()
         except BaseException:
@@ -332,7 +491,8 @@ class Store:
                 f"{self.path}: database schema version {version} is newer than this tokentop"
                 f" understands ({SCHEMA_VERSION}); upgrade tokentop"
             )
-        if self.readonly and self._is_v1():
+        older = version is not None and version < SCHEMA_VERSION
+        if self.readonly and (older or self._is_v1()):
             raise StoreError(
                 f"{self.path}: database schema version {version or 1} needs upgrading to"
                 f" {SCHEMA_VERSION}; run any writer command once (e.g. `tokentop collect --once`)"
@@ -342,15 +502,29 @@ class Store:
         """Create the schema, or bring an older file up to date, in one transaction."""
         with self.transaction() as conn:
             self._check_version()  # inside the write lock: another writer may have migrated
+            version = self._schema_version()
             legacy = self._is_v1()
             if legacy:
                 conn.execute("ALTER TABLE usage RENAME TO usage_v1")
                 conn.execute("DROP TABLE IF EXISTS usage_hour")
-            for statement in SCHEMA.split(";"):
+            columns = {r[1] for r in conn.execute("PRAGMA table_info(usage)")}
+            v2 = not legacy and "price_ref" in columns
+            if v2:
+                conn.execute("ALTER TABLE usage RENAME TO usage_v2")
+            _create_rowid_tables(self.db)
+            source = self.db.table("source")
+            if "interval_s" not in source.columns_dict:  # each source's poll interval
+                source.add_column("interval_s", float)
+            for statement in WITHOUT_ROWID_SCHEMA.split(";"):
                 if statement.strip():
                     conn.execute(statement)
             if legacy:
                 _migrate_v1_usage(conn)
+            if v2:
+                _migrate_v2_usage(conn)
+            if legacy or v2 or (version is not None and version < SCHEMA_VERSION):
+                # Version 3's rollups summed over series are built once from ``usage``.
+                _rebuild_usage_rollups(conn)
             conn.execute(
                 "INSERT INTO meta(key, value) VALUES ('schema_version', ?)"
                 " ON CONFLICT(key) DO UPDATE SET value = excluded.value",
@@ -368,6 +542,10 @@ class Store:
                 self.conn.execute("ROLLBACK")
                 # Series ids assigned in this transaction are gone with it.
                 self._series.clear()
+                self._streams.clear()
+                self._origins.clear()
+                self._origin_sources.clear()
+                self._prices.clear()
                 raise
             self.conn.execute("COMMIT")
 
@@ -412,77 +590,271 @@ class Store:
         """
         sid = self._series.get(key)
         if sid is None:
-            conn.execute(_SERIES_INSERT, key)
+            stream, origin = self._stream_id(conn, key[0], key[1], key[2])
+            conn.execute(_SERIES_INSERT, (*key, stream))
             row = conn.execute(_SERIES_SELECT, key).fetchone()
             if row is None:  # pragma: no cover - the insert either stored it or found it
                 raise StoreError(f"series {key!r} could not be stored")
             sid = self._series[key] = int(row[0])
+            self._origins[sid] = (origin, stream)
         return sid
 
+    def _stream_id(
+        self, conn: sqlite3.Connection, source: str, provider: str, model: str
+    ) -> tuple[int, int]:
+        """The ids of a source's model at a provider and of its origin (the source at the
+        provider), assigned on first sight, as :meth:`_series_id`."""
+        key = (source, provider, model)
+        ids = self._streams.get(key)
+        if ids is None:
+            conn.execute(
+                "INSERT INTO origin (source, provider) VALUES (?, ?) ON CONFLICT DO NOTHING",
+                (source, provider),
+            )
+            (oid,) = conn.execute(
+                "SELECT id FROM origin WHERE source = ? AND provider = ?", (source, provider)
+            ).fetchone()
+            conn.execute(
+                "INSERT INTO stream (origin_id, model) VALUES (?, ?) ON CONFLICT DO NOTHING",
+                (oid, model),
+            )
+            (tid,) = conn.execute(
+                "SELECT id FROM stream WHERE origin_id = ? AND model = ?", (oid, model)
+            ).fetchone()
+            self._streams[key] = ids = (int(tid), int(oid))
+            self._origin_sources[int(oid)] = source
+        return ids
+
+    def _price_id(self, conn: sqlite3.Connection, ref: str) -> int:
+        """The id of a price reference, assigned on first sight (as :meth:`_series_id`)."""
+        pid = self._prices.get(ref)
+        if pid is None:
+            conn.execute("INSERT INTO price (ref) VALUES (?) ON CONFLICT DO NOTHING", (ref,))
+            (pid,) = conn.execute("SELECT id FROM price WHERE ref = ?", (ref,)).fetchone()
+            self._prices[ref] = pid = int(pid)
+        return pid
+
+    def _horizons(self, conn: sqlite3.Connection) -> tuple[int, int]:
+        """(minutes, hours) retention horizons in Unix seconds; 0 before any compaction."""
+        found = dict(
+            conn.execute(
+                "SELECT key, value FROM meta WHERE key IN (?, ?)", (MINUTES_BEFORE, HOURS_BEFORE)
+            ).fetchall()
+        )
+        return int(found.get(MINUTES_BEFORE, 0)), int(found.get(HOURS_BEFORE, 0))
+
+    def _reopen(self, conn: sqlite3.Connection, start: int, hours: int) -> None:
+        """Something was written behind the horizons at ``start``: the next compaction goes
+        back there to fold it."""
+        keys = [(MINUTES_CURSOR, start // HOUR * HOUR)]
+        if start < hours:
+            keys.append((HOURS_CURSOR, start // DAY * DAY))
+        for key, value in keys:
+            conn.execute(
+                "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE"
+                " SET value = min(CAST(value AS INTEGER), CAST(excluded.value AS INTEGER))",
+                (key, str(value)),
+            )
+
     def _write_usage(self, conn: sqlite3.Connection, batch: Batch) -> None:
+        if not batch.windows and not batch.usage:
+            return
         touched: dict[str, tuple[int, int]] = {}
 
         def touch(source: str, lo: int, hi: int) -> None:
             old = touched.get(source)
             touched[source] = (lo, hi) if old is None else (min(old[0], lo), max(old[1], hi))
 
+        minutes, hours = self._horizons(conn)
+        replaced: set[str] = set()
+        """Sources some of whose stored buckets this write deletes or replaces."""
         for window in batch.windows:
             lo, hi = to_epoch(window.start), to_epoch(window.end)
-            conn.execute(
+            gone = conn.execute(
                 f"DELETE FROM usage WHERE start >= ? AND start < ? AND width = ? AND {_OF_SOURCE}",
                 (lo, hi, window.width_s, window.source),
-            )
+            ).rowcount
+            if lo < minutes:
+                # Behind the horizon the window also replaces the folded buckets it wholly
+                # covers: it re-read every minute they hold.
+                gone += conn.execute(
+                    "DELETE FROM usage WHERE start >= ? AND start + width <= ? AND start < ?"
+                    f" AND width > ? AND width <= {_CELL} AND {_OF_SOURCE}",
+                    (lo, hi, minutes, window.width_s, hours, window.source),
+                ).rowcount
+            if gone:
+                replaced.add(window.source)
             touch(window.source, lo, hi - 1)
+        fresh: dict[str, tuple[int, int, int]] = {}
         if batch.usage:
-            ids = self._series
-            rows = []
-            spans: dict[str, list[int]] = {}
-            for b in batch.usage:
-                key = (
-                    b.source,
-                    b.provider,
-                    b.model,
-                    b.project,
-                    b.api_key,
-                    b.workspace,
-                    b.tag,
-                    b.service_tier,
-                    b.batch,
-                    b.context_window,
-                )
-                sid = ids.get(key)
-                if sid is None:
-                    sid = self._series_id(conn, key)
-                start = to_epoch(b.start)
-                rows.append(
-                    (
-                        start,
-                        sid,
-                        b.width_s,
-                        b.input_uncached,
-                        b.cache_read,
-                        b.cache_write_5m,
-                        b.cache_write_1h,
-                        b.output,
-                        b.requests,
-                        b.web_searches,
-                        b.cost_nano,
-                        int(b.priced),
-                        b.price_ref,
-                    )
-                )
-                span = spans.get(b.source)
-                if span is None:
-                    spans[b.source] = [start, start]
-                elif start < span[0]:
-                    span[0] = start
-                elif start > span[1]:
-                    span[1] = start
-            conn.executemany(_USAGE_INSERT, rows)
-            for source, (lo, hi) in spans.items():
+            rows, sums = self._usage_rows(conn, batch.usage)
+            if minutes and min(r[0] for r in rows) < minutes:
+                rows = self._settled_rows(conn, rows, minutes, hours)
+                sums = _sums(rows, self._origins)
+            spans = self._spans(rows)
+            for source, (lo, hi, n) in spans.items():
                 touch(source, lo, hi)
+                # Buckets appended to a range where the source had none: the rollups their
+                # rows change are summed here from the rows themselves (below).
+                if (
+                    source not in replaced
+                    and not conn.execute(
+                        f"SELECT 1 FROM usage WHERE start >= ? AND start <= ? AND {_OF_ORIGINS}"
+                        " LIMIT 1",
+                        (lo, hi, source),
+                    ).fetchone()
+                ):
+                    fresh[source] = (lo, hi, n)
+            if len(fresh) == len(spans):
+                # Nothing stored to replace: a plain insert, which also says whether two
+                # buckets of the batch share a key (then the last one stands, as always).
+                try:
+                    conn.executemany(_USAGE_APPEND, rows)
+                except sqlite3.IntegrityError:
+                    conn.executemany(_USAGE_INSERT, rows)
+                    fresh.clear()
+            else:
+                conn.executemany(_USAGE_INSERT, rows)
+                for source, (lo, hi, n) in list(fresh.items()):
+                    (stored,) = conn.execute(
+                        "SELECT COUNT(*) FROM usage WHERE start >= ? AND start <= ?"
+                        f" AND {_OF_ORIGINS}",
+                        (lo, hi, source),
+                    ).fetchone()
+                    if stored != n:  # two buckets of the batch had one key
+                        del fresh[source]
+            if fresh:
+                if len(fresh) < len(spans):
+                    fresh_rows = [r for r in rows if self._origin_sources[r[1]] in fresh]
+                    sums = _sums(fresh_rows, self._origins)
+                _add_sums(conn, sums)
         for source, (lo, hi) in touched.items():
-            _refresh_usage_rollups(conn, source, lo, hi)
+            _refresh_usage_rollups(conn, source, lo, hi, appended=source in fresh)
+
+    def _usage_rows(
+        self, conn: sqlite3.Connection, usage: Sequence[UsageBucket]
+    ) -> tuple[list[tuple[Any, ...]], _Sums]:
+        """The ``usage`` rows of some buckets (:data:`_USAGE_INSERT`'s columns), ids assigned,
+        and their sums per series and hour and per stream and start (see :func:`_add_sums`).
+
+        This loop is most of the Python time of an ingest: one C call per group of columns,
+        cached ids and times, ``priced`` bound as an int (binding a bool goes through sqlite3's
+        adapter lookup, which cost more than the rest of the row), and the sums taken on the
+        way rather than read back with two ``INSERT ... SELECT`` passes, which cost more than
+        writing the rows.
+        """
+        get_series, get_ids = self._series.get, self._origins.__getitem__
+        get_price = self._prices.get
+        epochs: dict[datetime, int] = {}
+        get_epoch = epochs.get
+        rows: list[tuple[Any, ...]] = []
+        add = rows.append
+        hours: dict[tuple[int, int, int], list[int]] = {}
+        starts: dict[tuple[int, int, int], list[int]] = {}
+        for b in usage:
+            key = _BUCKET_KEY(b)
+            sid = get_series(key)
+            if sid is None:
+                sid = self._series_id(conn, key)
+            when = b.start
+            s = get_epoch(when)
+            if s is None:
+                if when.tzinfo is None:
+                    raise ValueError(f"naive datetime {when!r}: tokentop keeps time in UTC")
+                s = epochs[when] = int(when.timestamp())
+            ref = b.price_ref
+            pid = get_price(ref)
+            if pid is None:
+                pid = self._price_id(conn, ref)
+            origin, stream = get_ids(sid)
+            v = _BUCKET_VALUES(b)  # width, then the eight sums
+            priced = b.priced + 0
+            add((s, origin, sid, *v, priced, pid))
+            k = (s - s % HOUR, sid, priced)
+            a = hours.get(k)
+            if a is None:
+                hours[k] = list(v[1:])
+            else:
+                a[0] += v[1]
+                a[1] += v[2]
+                a[2] += v[3]
+                a[3] += v[4]
+                a[4] += v[5]
+                a[5] += v[6]
+                a[6] += v[7]
+                a[7] += v[8]
+            t = starts.get((s, origin, stream))
+            if t is None:
+                t = starts[(s, origin, stream)] = [0] * 10
+            t[0] += v[1]
+            t[1] += v[2]
+            t[2] += v[3]
+            t[3] += v[4]
+            t[4] += v[5]
+            t[5] += v[6]
+            t[6] += v[7]
+            t[7] += v[8]
+            if not priced:
+                t[8] += v[1] + v[2] + v[3] + v[4] + v[5]
+                t[9] += v[6]
+        return rows, (hours, starts)
+
+    def _spans(self, rows: list[tuple[Any, ...]]) -> dict[str, tuple[int, int, int]]:
+        """Per source: the first and last bucket start among ``rows``, and how many rows."""
+        by_origin: dict[int, tuple[int, int, int]] = {}
+        origins = set(map(_SECOND, rows))
+        if len(origins) <= 4:  # one pass in C per origin
+            for origin in origins:
+                starts = [r[0] for r in rows if r[1] == origin]
+                by_origin[origin] = (min(starts), max(starts), len(starts))
+        else:
+            for r in rows:
+                old = by_origin.get(r[1])
+                by_origin[r[1]] = (
+                    (r[0], r[0], 1)
+                    if old is None
+                    else (min(old[0], r[0]), max(old[1], r[0]), old[2] + 1)
+                )
+        spans: dict[str, tuple[int, int, int]] = {}
+        for origin, (lo, hi, n) in by_origin.items():
+            source = self._origin_sources[origin]
+            old = spans.get(source)
+            spans[source] = (
+                (lo, hi, n) if old is None else (min(old[0], lo), max(old[1], hi), old[2] + n)
+            )
+        return spans
+
+    def _settled_rows(
+        self, conn: sqlite3.Connection, rows: list[tuple[Any, ...]], minutes: int, hours: int
+    ) -> list[tuple[Any, ...]]:
+        """``rows`` less those behind the horizon whose start lies inside a folded bucket of
+        their series (other than the one with their own key, which they replace)."""
+        old = [r for r in rows if r[0] < minutes]
+        first = min(r[0] for r in old)
+        lo = first // DAY * DAY if first < hours else first // HOUR * HOUR
+        series = sorted({r[2] for r in old})
+        folded: dict[int, list[tuple[int, int]]] = {}
+        for i in range(0, len(series), 500):
+            chunk = series[i : i + 500]
+            for sid, start, width in conn.execute(
+                "SELECT series_id, start, width FROM usage WHERE start >= ? AND start < ?"
+                f" AND width > 60 AND series_id IN ({', '.join('?' * len(chunk))})",
+                (lo, minutes, *chunk),
+            ):
+                folded.setdefault(sid, []).append((start, width))
+        kept = []
+        for r in rows:
+            start = r[0]
+            if start < minutes and any(
+                a <= start < a + w and (a, w) != (start, r[3]) for a, w in folded.get(r[2], ())
+            ):
+                self.left_out += 1
+                continue
+            kept.append(r)
+        written = [r[0] for r in kept if r[0] < minutes]
+        if written:
+            self._reopen(conn, min(written), hours)
+        return kept
 
     def _write_billed(self, conn: sqlite3.Connection, batch: Batch) -> None:
         for source, start, end in batch.billed_days:
@@ -501,6 +873,11 @@ class Store:
     ) -> None:
         if not rows:
             return
+        minutes, hours = self._horizons(conn)
+        if minutes and min(r[rollup.time_col] for r in rows) < minutes * rollup.time_scale:
+            rows = self._settled_samples(conn, rollup, rows, minutes, hours)
+            if not rows:
+                return
         columns = list(rows[0])
         conn.executemany(
             f"INSERT OR REPLACE INTO {rollup.fine} ({', '.join(columns)}) "
@@ -515,6 +892,45 @@ class Store:
         for source, (lo, hi) in spans.items():
             _refresh_rollup(conn, rollup, source, lo, hi)
 
+    def _settled_samples(
+        self,
+        conn: sqlite3.Connection,
+        rollup: Rollup,
+        rows: list[dict[str, Any]],
+        minutes: int,
+        hours: int,
+    ) -> list[dict[str, Any]]:
+        """``rows`` less the samples behind the horizon in an hour (a day, behind the hours
+        horizon) that the hourly table already holds for their source: the samples it was
+        summed from are gone, so it cannot be recomputed with them."""
+
+        def cell(t: int) -> int:
+            return t // DAY * DAY if t < hours else t // HOUR * HOUR
+
+        scale = rollup.time_scale
+        old = [r for r in rows if r[rollup.time_col] < minutes * scale]
+        lo = cell(min(r[rollup.time_col] for r in old) // scale)
+        settled = {
+            (r[0], cell(r[1]))
+            for r in conn.execute(
+                f"SELECT DISTINCT source, start FROM {rollup.hour} WHERE start >= ? AND start < ?",
+                (lo, minutes),
+            )
+        }
+        kept = []
+        for r in rows:
+            t = r[rollup.time_col] // scale
+            if t < minutes and (r["source"], cell(t)) in settled:
+                self.left_out += 1
+                continue
+            kept.append(r)
+        written = [
+            r[rollup.time_col] // scale for r in kept if r[rollup.time_col] < minutes * scale
+        ]
+        if written:
+            self._reopen(conn, min(written), hours)
+        return kept
+
     def _write_requests(self, conn: sqlite3.Connection, requests: Sequence[MeteredRequest]) -> None:
         """Store metered requests, and rebuild the one-minute usage buckets of their minutes.
 
@@ -524,6 +940,14 @@ class Store:
         """
         if not requests:
             return
+        minutes, _hours = self._horizons(conn)
+        if minutes:
+            # Requests are kept as long as minutes are; behind that their minutes are folded.
+            kept = [r for r in requests if _ms(r.ts) >= minutes * 1000]
+            self.left_out += len(requests) - len(kept)
+            requests = kept
+            if not requests:
+                return
         conn.executemany(
             "INSERT OR REPLACE INTO request (ts, source, request_id, provider, model,"
             " input_uncached, cache_read, cache_write_5m, cache_write_1h, output, web_searches,"
@@ -561,7 +985,7 @@ class Store:
                 (minute, minute) if old is None else (min(old[0], minute), max(old[1], minute))
             )
         for source, (lo, hi) in spans.items():
-            minutes = conn.execute(
+            by_minute = conn.execute(
                 "SELECT (ts / 60000) * 60 AS m, provider, model, tag, SUM(input_uncached),"
                 " SUM(cache_read), SUM(cache_write_5m), SUM(cache_write_1h), SUM(output),"
                 " COUNT(*), SUM(web_searches), SUM(cost_nano), MIN(priced), MAX(price_ref)"
@@ -577,24 +1001,30 @@ class Store:
             conn.executemany(
                 _USAGE_INSERT,
                 [
-                    (
-                        m[0],
-                        self._series_id(conn, (source, m[1], m[2], "", "", "", m[3], "", "", "")),
-                        60,
-                        *m[4:],
-                    )
-                    for m in minutes
+                    (m[0], self._origins[sid][0], sid, 60, *m[4:13], self._price_id(conn, m[13]))
+                    for m in by_minute
+                    for sid in [
+                        self._series_id(conn, (source, m[1], m[2], "", "", "", m[3], "", "", ""))
+                    ]
                 ],
             )
             _refresh_usage_rollups(conn, source, lo, hi)
 
     def rebuild_rollups(self) -> None:
-        """Recompute every rollup from the fine tables (after a bulk load)."""
+        """Recompute every rollup from the fine tables (after a bulk load).
+
+        Behind the retention horizon the hourly GPU and inference tables are kept: the samples
+        they were summed from are gone."""
         with self.transaction() as conn:
             _rebuild_usage_rollups(conn)
+            minutes, _hours = self._horizons(conn)
             for rollup in (GPU_ROLLUP, INFERENCE_ROLLUP):
-                conn.execute(f"DELETE FROM {rollup.hour}")
-                conn.execute(_rollup_insert(rollup, where=""))
+                conn.execute(f"DELETE FROM {rollup.hour} WHERE start >= ?", (minutes,))
+                conn.execute(
+                    _rollup_insert(
+                        rollup, where=f"WHERE {rollup.time_col} >= {minutes * rollup.time_scale}"
+                    )
+                )
 
     def get_watermark(self, source: str) -> datetime | None:
         """The watermark a source stored, or ``None`` before its first complete poll."""
@@ -612,8 +1042,8 @@ class Store:
         with self.transaction() as conn:
             conn.execute(
                 "INSERT INTO source (name, kind, state, last_success, last_error, last_error_at,"
-                " lag_s, calls, watermark, detail, newest_data, updated_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " lag_s, calls, watermark, detail, newest_data, updated_at, interval_s)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
                 " ON CONFLICT(name) DO UPDATE SET kind = excluded.kind, state = excluded.state,"
                 " last_success = coalesce(excluded.last_success, source.last_success),"
                 " last_error = excluded.last_error,"
@@ -622,7 +1052,8 @@ class Store:
                 " watermark = coalesce(excluded.watermark, source.watermark),"
                 " detail = excluded.detail,"
                 " newest_data = coalesce(excluded.newest_data, source.newest_data),"
-                " updated_at = excluded.updated_at",
+                " updated_at = excluded.updated_at,"
+                " interval_s = coalesce(excluded.interval_s, source.interval_s)",
                 (
                     health.name,
                     health.kind,
@@ -636,6 +1067,7 @@ class Store:
                     health.detail,
                     ts(health.newest_data),
                     ts(now),
+                    health.interval_s,
                     calls_delta,
                 ),
             )
@@ -649,40 +1081,268 @@ class Store:
                 conn.execute("DELETE FROM source_calls WHERE minute < ?", (minute - 2 * HOUR,))
 
 
-def _usage_rollup_insert(table: str, period: int, where: str) -> str:
-    """Sum ``usage`` into hours (``usage_hour``) or ``usage_hour`` into UTC days (``usage_day``)."""
-    source = "usage" if table == "usage_hour" else "usage_hour"
-    sums = ", ".join(f"SUM({c})" for c in USAGE_SUMS)
-    return (
-        f"INSERT INTO {table} (start, series_id, priced, {_SUMS})"
-        f" SELECT (start / {period}) * {period} AS p, series_id, priced, {sums} FROM {source}"
-        f" {where} GROUP BY p, series_id, priced"
-    )
+_SERIES_OF = "SELECT id FROM series WHERE source = ?"
+_ORIGINS_OF = "SELECT id FROM origin WHERE source = ?"
+_STREAMS_OF = f"SELECT id FROM stream WHERE origin_id IN ({_ORIGINS_OF})"
+_OWNED = {"series_id": _SERIES_OF, "stream_id": _STREAMS_OF, "origin_id": _ORIGINS_OF}
+"""One source's ids in each kind of table (the id tables are small)."""
 
 
-_USAGE_ROLLUPS = (("usage_hour", HOUR), ("usage_day", DAY))
-"""Each built from the one before: hours from ``usage``, days from hours."""
+_TOKENS = " + ".join(f"x.{c}" for c in USAGE_SUMS[:5])
+_BY_PRICED = (
+    *(f"x.{c}" for c in USAGE_SUMS),
+    f"CASE WHEN x.priced THEN 0 ELSE {_TOKENS} END",
+    "CASE WHEN x.priced THEN 0 ELSE x.requests END",
+)
+""":data:`SUMMED` from a table keyed on ``priced`` (per series)."""
+_AS_SUMMED = tuple(f"x.{c}" for c in SUMMED)
+""":data:`SUMMED` from a table that has them."""
 
 
-def _refresh_usage_rollups(conn: sqlite3.Connection, source: str, lo: int, hi: int) -> None:
-    """Recompute the hours, then the UTC days, of one source's usage in ``[lo, hi]`` (seconds)."""
-    for table, period in _USAGE_ROLLUPS:
-        p_lo = lo // period * period
-        p_hi = hi // period * period + period
-        conn.execute(
-            f"DELETE FROM {table} WHERE start >= ? AND start < ? AND {_OF_SOURCE}",
-            (p_lo, p_hi, source),
+@dataclass(frozen=True, slots=True)
+class _Step:
+    """One usage rollup: ``table`` summed from ``source`` (read as ``x``) by ``period``."""
+
+    table: str
+    period: int
+    """Seconds; 0 keeps bucket starts as they are (the per-start totals)."""
+    key: str
+    """The id column of ``table`` that says which source a row belongs to."""
+    source: str
+    source_key: str
+    """The id column of ``x`` that says which source a row read belongs to."""
+    columns: tuple[str, ...]
+    """``table``'s key columns after ``start`` (``dim`` first for the group tables)."""
+    exprs: tuple[str, ...]
+    """What fills them, from ``x`` and its joins."""
+    sums: tuple[str, ...]
+    """The summed columns of ``table``."""
+    values: tuple[str, ...]
+    """What each of them adds up, per row read."""
+    match: str = ""
+    """A condition on ``table`` for the rows this step owns (one dimension of a group table)."""
+    ordered: bool = False
+    """The rows read come in the order of ``(start, *exprs)``: an ordered ``GROUP BY``."""
+
+    def delete(self, ranged: bool) -> str:
+        """Delete what this step recomputes: all of it, or one source's ``[?, ?)``."""
+        where = [self.match] if self.match else []
+        if ranged:
+            where += ["start >= ? AND start < ?", f"{self.key} IN ({_OWNED[self.key]})"]
+        return f"DELETE FROM {self.table}" + (f" WHERE {' AND '.join(where)}" if where else "")
+
+    def insert(self, ranged: bool) -> str:
+        """Recompute it: all of it, or one source's ``[?, ?)`` (as :meth:`delete`).
+
+        Unless the rows read come in the target's order, each is added into its target row (an
+        upsert) rather than grouped first: they come in ``start`` order, so the target rows
+        being filled stay in cache, and there is no sort (a ``GROUP BY`` that is not the scan's
+        order sorts every row first, which cost twice as much on a day's one-minute buckets).
+        """
+        p = f"(x.start / {self.period}) * {self.period}" if self.period else "x.start"
+        where = (
+            f"x.start >= ? AND x.start < ? AND x.{self.source_key} IN ({_OWNED[self.source_key]})"
+            if ranged
+            else "1"
         )
-        conn.execute(
-            _usage_rollup_insert(table, period, f"WHERE start >= ? AND start < ? AND {_OF_SOURCE}"),
-            (p_lo, p_hi, source),
+        head = (
+            f"INSERT INTO {self.table} (start, {', '.join(self.columns)}, {', '.join(self.sums)})"
         )
+        keys = ", ".join(self.exprs)
+        if self.ordered:
+            sums = ", ".join(f"SUM({v})" for v in self.values)
+            return (
+                f"{head} SELECT {p}, {keys}, {sums} FROM {self.source} WHERE {where}"
+                f" GROUP BY {p}, {keys}"
+            )
+        add = ", ".join(f"{c} = {c} + excluded.{c}" for c in self.sums)
+        return (
+            f"{head} SELECT {p}, {keys}, {', '.join(self.values)} FROM {self.source}"
+            f" WHERE {where} ON CONFLICT DO UPDATE SET {add}"
+        )
+
+
+_BY_SERIES = ("series_id", "priced"), ("x.series_id", "x.priced"), USAGE_SUMS
+_PER_SERIES = (*_BY_SERIES, tuple(f"x.{c}" for c in USAGE_SUMS))
+_WITH_SERIES = "JOIN series AS s ON s.id = x.series_id"
+_STEPS: tuple[_Step, ...] = (
+    _Step("usage_hour", HOUR, "series_id", "usage AS x", "series_id", *_PER_SERIES),
+    _Step("usage_day", DAY, "series_id", "usage_hour AS x", "series_id", *_PER_SERIES),
+    _Step(
+        "usage_model",
+        0,
+        "origin_id",
+        f"usage AS x {_WITH_SERIES}",
+        "origin_id",
+        ("origin_id", "stream_id"),
+        ("x.origin_id", "s.stream_id"),
+        SUMMED,
+        _BY_PRICED,
+    ),
+    _Step(
+        "usage_total",
+        0,
+        "origin_id",
+        "usage_model AS x",
+        "origin_id",
+        ("origin_id",),
+        ("x.origin_id",),
+        SUMMED,
+        _AS_SUMMED,
+        ordered=True,  # usage_model is clustered on (start, origin_id): no sort, no join
+    ),
+    _Step(
+        "usage_model_hour",
+        HOUR,
+        "stream_id",
+        f"usage_hour AS x {_WITH_SERIES}",
+        "series_id",
+        ("stream_id",),
+        ("s.stream_id",),
+        SUMMED,
+        _BY_PRICED,
+    ),
+    _Step(
+        "usage_model_day",
+        DAY,
+        "stream_id",
+        "usage_model_hour AS x",
+        "stream_id",
+        ("stream_id",),
+        ("x.stream_id",),
+        SUMMED,
+        _AS_SUMMED,
+    ),
+    _Step(
+        "usage_total_hour",
+        HOUR,
+        "origin_id",
+        "usage_model_hour AS x JOIN stream AS t ON t.id = x.stream_id",
+        "stream_id",
+        ("origin_id",),
+        ("t.origin_id",),
+        SUMMED,
+        _AS_SUMMED,
+    ),
+    _Step(
+        "usage_total_day",
+        DAY,
+        "origin_id",
+        "usage_total_hour AS x",
+        "origin_id",
+        ("origin_id",),
+        ("x.origin_id",),
+        SUMMED,
+        _AS_SUMMED,
+    ),
+    *(
+        _Step(
+            "usage_group_hour",
+            HOUR,
+            "origin_id",
+            f"usage_hour AS x {_WITH_SERIES} JOIN stream AS t ON t.id = s.stream_id",
+            "series_id",
+            ("dim", "value", "origin_id"),
+            (f"'{dim}'", f"s.{dim}", "t.origin_id"),
+            SUMMED,
+            _BY_PRICED,
+            match=f"dim = '{dim}'",
+        )
+        for dim in GROUP_DIMENSIONS
+    ),
+    _Step(
+        "usage_group_day",
+        DAY,
+        "origin_id",
+        "usage_group_hour AS x",
+        "origin_id",
+        ("dim", "value", "origin_id"),
+        ("x.dim", "x.value", "x.origin_id"),
+        SUMMED,
+        _AS_SUMMED,
+    ),
+)
+"""Every usage rollup, each after those it is summed from. Per series: hours from the buckets,
+days from hours. Per stream: the buckets' own starts (from the buckets), and hours and days
+(from the series' hours). Per origin: the same, from the streams'. Per group: hours from the
+series' hours, days from those."""
+_FROM_BUCKETS = frozenset(step.table for step in _STEPS if step.source == "usage AS x")
+"""The rollups read straight from the buckets (the others are read from these)."""
+USAGE_ROLLUP_TABLES: tuple[str, ...] = tuple(dict.fromkeys(step.table for step in _STEPS))
+"""The tables every usage write keeps in step (all functions of ``usage``)."""
+_RANGED_SQL = [(step, step.delete(True), step.insert(True)) for step in _STEPS]
+
+
+def _refresh_usage_rollups(
+    conn: sqlite3.Connection, source: str, lo: int, hi: int, appended: bool = False
+) -> None:
+    """Recompute every usage rollup of one source's buckets that start in ``[lo, hi]`` (seconds):
+    the starts themselves, then the hours and UTC days that hold them.
+
+    ``appended``: the write only added buckets, and :func:`_add_sums` has already added
+    them into the rollups summed straight from ``usage`` (:data:`_FROM_BUCKETS`)."""
+    for step, delete, insert in _RANGED_SQL:
+        if appended and step.table in _FROM_BUCKETS:
+            continue
+        if step.period:
+            a, b = lo // step.period * step.period, hi // step.period * step.period + step.period
+        else:
+            a, b = lo, hi + 1
+        conn.execute(delete, (a, b, source))
+        conn.execute(insert, (a, b, source))
+
+
+def refresh_usage_rollups(conn: sqlite3.Connection, lo: int, hi: int) -> None:
+    """Recompute every usage rollup of every source over ``[lo, hi)`` (seconds), after
+    ``usage`` itself was rewritten there (retention folds buckets)."""
+    for (source,) in conn.execute("SELECT DISTINCT source FROM origin").fetchall():
+        _refresh_usage_rollups(conn, source, lo, hi - 1)
+
+
+_ADD_HOUR = (
+    f"INSERT INTO usage_hour (start, series_id, priced, {_SUMS})"
+    f" VALUES ({', '.join('?' * (len(USAGE_SUMS) + 3))}) ON CONFLICT DO UPDATE SET "
+    + ", ".join(f"{c} = {c} + excluded.{c}" for c in USAGE_SUMS)
+)
+_ADD_MODEL = (
+    f"INSERT INTO usage_model (start, origin_id, stream_id, {', '.join(SUMMED)})"
+    f" VALUES ({', '.join('?' * (len(SUMMED) + 3))}) ON CONFLICT DO UPDATE SET "
+    + ", ".join(f"{c} = {c} + excluded.{c}" for c in SUMMED)
+)
+
+
+_Sums = tuple[dict[tuple[int, int, int], list[int]], dict[tuple[int, int, int], list[int]]]
+"""Sums of some ``usage`` rows: per (hour, series_id, priced), :data:`USAGE_SUMS`; per
+(start, origin_id, stream_id), :data:`SUMMED`."""
+
+
+def _sums(rows: list[tuple[Any, ...]], streams: dict[int, tuple[int, int]]) -> _Sums:
+    """:data:`_Sums` of ``usage`` rows (:data:`_USAGE_INSERT`'s columns); ``streams``: the
+    (origin, stream) ids of each series id."""
+    hours: dict[tuple[int, int, int], list[int]] = {}
+    starts: dict[tuple[int, int, int], list[int]] = {}
+    for r in rows:
+        values = r[4:12]
+        a = hours.setdefault((r[0] - r[0] % HOUR, r[2], r[12]), [0] * 8)
+        a[:] = map(operator.add, a, values)
+        t = starts.setdefault((r[0], *streams[r[2]]), [0] * 10)
+        unpriced = (0, 0) if r[12] else (sum(values[:5]), values[5])
+        t[:] = map(operator.add, t, (*values, *unpriced))
+    return hours, starts
+
+
+def _add_sums(conn: sqlite3.Connection, sums: _Sums) -> None:
+    """Add the sums of rows just appended to ``usage`` (no bucket deleted or replaced) into
+    the rollups read straight from it; every other rollup is then recomputed from these."""
+    hours, starts = sums
+    conn.executemany(_ADD_HOUR, [(*k, *v) for k, v in hours.items()])
+    conn.executemany(_ADD_MODEL, [(*k, *v) for k, v in starts.items()])
 
 
 def _rebuild_usage_rollups(conn: sqlite3.Connection) -> None:
-    for table, period in _USAGE_ROLLUPS:
-        conn.execute(f"DELETE FROM {table}")
-        conn.execute(_usage_rollup_insert(table, period, ""))
+    for step in _STEPS:
+        conn.execute(step.delete(False))
+        conn.execute(step.insert(False))
 
 
 def _migrate_v1_usage(conn: sqlite3.Connection) -> None:
@@ -691,17 +1351,53 @@ def _migrate_v1_usage(conn: sqlite3.Connection) -> None:
         f"INSERT OR IGNORE INTO series ({_SERIES})"
         f" SELECT DISTINCT {_SERIES} FROM usage_v1 ORDER BY {_SERIES}"
     )
+    _fill_streams(conn)
     on = " AND ".join(f"s.{c} = v.{c}" for c in SERIES_COLUMNS)
+    _copy_usage(conn, "usage_v1", "s.id", f"JOIN series AS s ON {on}")
+
+
+def _migrate_v2_usage(conn: sqlite3.Connection) -> None:
+    """Move version 2's ``usage`` (renamed ``usage_v2``: price references as text, keyed on
+    ``(start, series_id, width)``) into version 3's."""
+    _fill_streams(conn)
+    _copy_usage(conn, "usage_v2", "v.series_id", "JOIN series AS s ON s.id = v.series_id")
+
+
+def _copy_usage(conn: sqlite3.Connection, old: str, series: str, join: str) -> None:
+    """Copy an older ``usage`` table (aliased ``v``, joined to ``series`` as ``s``) into
+    ``usage``, each price reference stored once in ``price``; then drop it."""
+    conn.execute(f"INSERT OR IGNORE INTO price (ref) SELECT DISTINCT price_ref FROM {old}")
     copied = conn.execute(
-        f"INSERT INTO usage (start, series_id, width, {_SUMS}, priced, price_ref)"
-        f" SELECT v.start, s.id, v.width, {', '.join(f'v.{c}' for c in USAGE_SUMS)},"
-        f" v.priced, v.price_ref FROM usage_v1 AS v JOIN series AS s ON {on}"
+        f"INSERT INTO usage (start, origin_id, series_id, width, {_SUMS}, priced, price_id)"
+        f" SELECT v.start, t.origin_id, {series}, v.width,"
+        f" {', '.join(f'v.{c}' for c in USAGE_SUMS)}, v.priced, p.id FROM {old} AS v {join}"
+        " JOIN stream AS t ON t.id = s.stream_id JOIN price AS p ON p.ref = v.price_ref"
     ).rowcount
-    (stored,) = conn.execute("SELECT COUNT(*) FROM usage_v1").fetchone()
-    if copied != stored:  # pragma: no cover - every row has exactly one series
+    (stored,) = conn.execute(f"SELECT COUNT(*) FROM {old}").fetchone()
+    if copied != stored:  # pragma: no cover - every row has exactly one series and price
         raise StoreError(f"migration copied {copied} of {stored} usage rows; nothing was changed")
-    conn.execute("DROP TABLE usage_v1")
-    _rebuild_usage_rollups(conn)
+    conn.execute(f"DROP TABLE {old}")
+
+
+def _fill_streams(conn: sqlite3.Connection) -> None:
+    """Give every series without one its origin and stream ids (a migration from version 2)."""
+    conn.execute(
+        "INSERT OR IGNORE INTO origin (source, provider)"
+        " SELECT DISTINCT source, provider FROM series WHERE stream_id IS NULL"
+        " ORDER BY source, provider"
+    )
+    conn.execute(
+        "INSERT OR IGNORE INTO stream (origin_id, model)"
+        " SELECT DISTINCT o.id, s.model FROM series AS s"
+        " JOIN origin AS o ON o.source = s.source AND o.provider = s.provider"
+        " WHERE s.stream_id IS NULL ORDER BY o.id, s.model"
+    )
+    conn.execute(
+        "UPDATE series SET stream_id = (SELECT t.id FROM stream AS t JOIN origin AS o"
+        " ON o.id = t.origin_id WHERE o.source = series.source"
+        " AND o.provider = series.provider AND t.model = series.model)"
+        " WHERE stream_id IS NULL"
+    )
 
 
 def _rollup_insert(rollup: Rollup, where: str) -> str:

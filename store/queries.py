@@ -4,6 +4,14 @@ Every window is half-open, ``[start, end)``, on bucket start times. Windows of t
 are summed from the rollups for their whole UTC days and whole hours and from the fine tables for
 the ragged edges, so a 30-day query reads about a thousand rows, not millions, and gives the same
 answer.
+
+Without a filter, figures summed over series read rollups already summed over them: totals, burn
+rates and the spend chart the per-origin tables (``usage_total*``: a few rows a minute, however
+many series), the model tables (``usage_model_*``) and the group tables (``usage_group_*``) their
+whole hours and days, so a refresh costs about the same at 40 series as at 4,000. A filter picks
+series, so filtered figures read the per-series tables. Behind the retention horizon one-minute
+buckets have been folded into hours (and hours into days): a window reaching there is exact to
+the hour (or day) at its start, and :func:`resolution` says so.
 """
 
 from __future__ import annotations
@@ -13,7 +21,17 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from tokentop.store.db import DAY, HOUR, SERIES_COLUMNS, USAGE_SUMS, Store
+from tokentop.store.db import (
+    DAY,
+    HOUR,
+    HOURS_BEFORE,
+    MINUTES_BEFORE,
+    SERIES_COLUMNS,
+    SUMMED,
+    USAGE_SUMS,
+    Store,
+)
+from tokentop.store.filters import filter_sql
 from tokentop.store.records import (
     SourceHealth,
     from_epoch,
@@ -35,14 +53,17 @@ GROUPS = ("model", "project", "api_key", "tag")
 """Dimensions the Cost per query pane can group by."""
 
 
-def _parts(lo: int, hi: int, rollup: bool = True, days: bool = True) -> list[tuple[str, int, int]]:
+def _parts(
+    lo: int, hi: int, rollup: bool = True, days: bool = True, min_hours: int = 3
+) -> list[tuple[str, int, int]]:
     """Split ``[lo, hi)`` seconds into (level, lo, hi) pieces; level ``fine``, ``hour`` or ``day``.
 
     ``rollup=False`` keeps to the fine table; ``days=False`` to the fine and hourly tables.
+    Rollups serve windows that hold at least ``min_hours`` whole hours.
     """
     h1 = -(-lo // HOUR) * HOUR
     h2 = hi // HOUR * HOUR
-    if not rollup or h2 - h1 < 3 * HOUR:
+    if not rollup or h2 - h1 < min_hours * HOUR:
         return [("fine", lo, hi)]
     d1 = -(-h1 // DAY) * DAY
     d2 = h2 // DAY * DAY
@@ -54,18 +75,16 @@ def _parts(lo: int, hi: int, rollup: bool = True, days: bool = True) -> list[tup
 
 
 def _filter_sql(text: str, columns: tuple[str, ...]) -> tuple[str, list[Any]]:
-    if not text:
-        return "", []
-    # The text is literal: LIKE's wildcards in it are escaped.
-    escaped = text.replace("!", "!!").replace("%", "!%").replace("_", "!_")
-    clause = " OR ".join(f"{c} LIKE ? ESCAPE '!'" for c in columns)
-    return f" AND ({clause})", [f"%{escaped}%"] * len(columns)
+    # Substrings and ``model:x`` terms, shared with the requests table (store.filters).
+    return filter_sql(text, columns)
 
 
 METER_KIND = "meter"
 """The health ``kind`` of the per-request meter's writers (proxy, httpx meter, pytest plugin)."""
-_METER_SOURCES = f"SELECT name FROM source WHERE kind = '{METER_KIND}'"
-_COVERED_PROVIDERS = f"SELECT DISTINCT provider FROM series WHERE source NOT IN ({_METER_SOURCES})"
+# The meter's records carry their exchange's source ("meter" unless a writer names another),
+# while its health row is named for the writer ("proxy", "pytest"): both are meter sources.
+_METER_SOURCES = f"SELECT name FROM source WHERE kind = '{METER_KIND}' UNION SELECT '{METER_KIND}'"
+_COVERED_PROVIDERS = f"SELECT DISTINCT provider FROM origin WHERE source NOT IN ({_METER_SOURCES})"
 _SCOPES = {
     # A dollar is counted once: the admin APIs (and the demo, which stands in for them) report
     # the whole organisation, so the meter's records of a provider they cover are already in
@@ -111,10 +130,159 @@ def usage_rows(
     return " UNION ALL ".join(pieces), params
 
 
-def _timed_rows(
-    table: str, columns: str, start: datetime, end: datetime, rollup: bool = True
+_TOKENS = "input_uncached + cache_read + cache_write_5m + cache_write_1h + output"
+_PER_SERIES_SUMMED = ", ".join(
+    [
+        *(f"u.{c} AS {c}" for c in USAGE_SUMS),
+        f"CASE WHEN u.priced THEN 0 ELSE u.{_TOKENS.replace(' + ', ' + u.')} END"
+        " AS unpriced_tokens",
+        "CASE WHEN u.priced THEN 0 ELSE u.requests END AS unpriced_requests",
+    ]
+)
+"""A per-series row as the rollups summed over series have it (:data:`SUMMED`)."""
+_SUMMED = ", ".join(f"x.{c} AS {c}" for c in SUMMED)
+
+
+def _origins(scope: str) -> str:
+    return f"SELECT id FROM origin WHERE {_SCOPES[scope]}"
+
+
+def total_rows(
+    start: datetime,
+    end: datetime,
+    scope: str = "counted",
+    rollup: bool = True,
+    days: bool = True,
 ) -> tuple[str, list[Any]]:
-    """Like :func:`usage_rows` for the millisecond tables (``gpu``, ``inference``)."""
+    """A subquery of usage summed over series per origin (a source at a provider) in the
+    window, and its parameters: columns ``start``, ``origin_id`` and :data:`SUMMED`.
+
+    It reads as many rows at 40 series as at 4,000 (per start, hour or UTC day, a few per
+    origin); ``rollup`` and ``days`` as :func:`usage_rows`.
+    """
+    tables = {"fine": "usage_total", "hour": "usage_total_hour", "day": "usage_total_day"}
+    pieces: list[str] = []
+    params: list[Any] = []
+    for level, lo, hi in _parts(to_epoch(start), to_epoch(end), rollup, days, min_hours=1):
+        pieces.append(
+            f"SELECT x.start AS start, x.origin_id AS origin_id, {_SUMMED}"
+            f" FROM {tables[level]} AS x"
+            f" WHERE x.start >= ? AND x.start < ? AND x.origin_id IN ({_origins(scope)})"
+        )
+        params += [lo, hi]
+    return " UNION ALL ".join(pieces), params
+
+
+def _by_model_rows(start: datetime, end: datetime, scope: str) -> tuple[str, list[Any]]:
+    """A subquery of usage by model (columns ``stream_id`` and :data:`SUMMED`) from the model
+    rollups (per bucket start, hour and UTC day): as many rows at 40 series as at 4,000."""
+    tables = {"fine": "usage_model", "hour": "usage_model_hour", "day": "usage_model_day"}
+    pieces: list[str] = []
+    params: list[Any] = []
+    for level, lo, hi in _parts(to_epoch(start), to_epoch(end), min_hours=1):
+        origins = (
+            f"x.origin_id IN ({_origins(scope)})"
+            if level == "fine"
+            else (f"x.stream_id IN (SELECT id FROM stream WHERE origin_id IN ({_origins(scope)}))")
+        )
+        pieces.append(
+            f"SELECT x.stream_id AS stream_id, {_SUMMED} FROM {tables[level]} AS x"
+            f" WHERE x.start >= ? AND x.start < ? AND {origins}"
+        )
+        params += [lo, hi]
+    return " UNION ALL ".join(pieces), params
+
+
+_BY_MODEL = (
+    "SELECT o.provider, t.model, {sums} FROM ({sub}) AS g JOIN stream AS t ON t.id = g.stream_id"
+    " JOIN origin AS o ON o.id = t.origin_id GROUP BY o.provider, t.model"
+)
+"""Sums by (provider, model) of :func:`_by_model_rows` (``{sums}`` over its columns)."""
+
+
+def _by_group_rows(group: str, start: datetime, end: datetime, scope: str) -> tuple[str, list[Any]]:
+    """A subquery of usage by one of :data:`GROUP_DIMENSIONS` (columns ``value`` and
+    :data:`SUMMED`), as :func:`_by_model_rows` from the group rollups."""
+    pieces: list[str] = []
+    params: list[Any] = []
+    origins = _origins(scope)
+    for level, lo, hi in _parts(to_epoch(start), to_epoch(end), min_hours=1):
+        if level == "fine":
+            pieces.append(
+                f"SELECT s.{group} AS value, {_PER_SERIES_SUMMED}"
+                " FROM usage AS u LEFT JOIN series AS s ON s.id = u.series_id"
+                f" WHERE u.start >= ? AND u.start < ? AND u.origin_id IN ({origins})"
+            )
+            params += [lo, hi]
+        else:
+            pieces.append(
+                f"SELECT x.value AS value, {_SUMMED} FROM usage_group_{level} AS x"
+                f" WHERE x.dim = ? AND x.start >= ? AND x.start < ? AND x.origin_id IN ({origins})"
+            )
+            params += [group, lo, hi]
+    return " UNION ALL ".join(pieces), params
+
+
+@dataclass(frozen=True, slots=True)
+class Resolution:
+    """The finest data behind a window: one-minute buckets, or, where retention has folded
+    them, hours (then UTC days)."""
+
+    step: str = "1m"
+    """``1m``, ``1h`` or ``1d``: what the window's start is exact to."""
+    minutes_since: datetime | None = None
+    """Where one-minute data begins (``None``: nothing folded yet)."""
+    hours_since: datetime | None = None
+    """Where hourly data begins (``None``: no hour folded into a day yet)."""
+
+    @property
+    def note(self) -> str:
+        """One line for a pane or a report; ``""`` at full resolution."""
+        if self.step == "1m":
+            return ""
+        since = self.minutes_since if self.step == "1h" else self.hours_since
+        unit = "hourly" if self.step == "1h" else "daily"
+        when = f"{since:%Y-%m-%d %H:%M} UTC" if since is not None else "the horizon"
+        return f"{unit} data before {when}: the window's start is exact to the {self.step[1:]}"
+
+
+def resolution(store: Store, start: datetime) -> Resolution:
+    """The resolution of the data behind a window starting at ``start`` (see
+    :mod:`tokentop.store.retention`)."""
+    found = {
+        r[0]: int(r[1])
+        for r in store.query(
+            "SELECT key, value FROM meta WHERE key IN (?, ?)", (MINUTES_BEFORE, HOURS_BEFORE)
+        )
+    }
+    minutes, hours = found.get(MINUTES_BEFORE), found.get(HOURS_BEFORE)
+    at = to_epoch(start)
+    step = "1d" if hours is not None and at < hours else "1h"
+    if minutes is None or at >= minutes:
+        step = "1m"
+    return Resolution(
+        step,
+        None if minutes is None else from_epoch(minutes),
+        None if hours is None else from_epoch(hours),
+    )
+
+
+def _minutes_horizon(store: Store) -> int:
+    """Where one-minute data (and GPU samples) begins, Unix seconds; 0 before any compaction."""
+    rows = store.query("SELECT value FROM meta WHERE key = ?", (MINUTES_BEFORE,))
+    return int(rows[0][0]) if rows else 0
+
+
+def _timed_rows(
+    table: str,
+    columns: str,
+    start: datetime,
+    end: datetime,
+    rollup: bool = True,
+    horizon: int = 0,
+) -> tuple[str, list[Any]]:
+    """Like :func:`usage_rows` for the millisecond tables (``gpu``, ``inference``); before
+    ``horizon`` (see :func:`_minutes_horizon`) the ragged edges come from the hourly rows."""
     pieces: list[str] = []
     params: list[Any] = []
     for level, lo, hi in _parts(to_epoch(start), to_epoch(end), rollup, days=False):
@@ -125,9 +293,19 @@ def _timed_rows(
             )
             params += [lo, hi]
         else:
-            pieces.append(f"SELECT ts, {columns} FROM {table} WHERE ts >= ? AND ts < ?")
-            params += [lo * 1000, hi * 1000]
-    return " UNION ALL ".join(pieces), params
+            # Behind the retention horizon the samples are gone: the hourly rows hold them,
+            # each starting at its first sample's time.
+            cut = min(max(lo, horizon), hi)
+            if lo < cut:
+                pieces.append(
+                    f"SELECT start * 1000 AS ts, {columns} FROM {table}_hour"
+                    " WHERE start >= ? AND start < ?"
+                )
+                params += [lo, cut]
+            if cut < hi:
+                pieces.append(f"SELECT ts, {columns} FROM {table} WHERE ts >= ? AND ts < ?")
+                params += [cut * 1000, hi * 1000]
+    return " UNION ALL ".join(pieces) or f"SELECT 0 AS ts, {columns} FROM {table} WHERE 0", params
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,6 +339,16 @@ _TOTAL_SELECT = (
 )
 
 
+_SUMMED_TOTAL = (
+    "SUM(cost_nano), SUM(requests),"
+    " SUM(input_uncached + cache_read + cache_write_5m + cache_write_1h), SUM(cache_read),"
+    " SUM(cache_write_5m + cache_write_1h), SUM(output), SUM(unpriced_tokens),"
+    " SUM(unpriced_requests)"
+)
+"""As :data:`_TOTAL_SELECT`, over rows of :data:`SUMMED` (a group is priced when neither of
+the last two is above zero)."""
+
+
 def _totals(row: Any, offset: int = 0) -> Totals:
     values = [row[offset + i] or 0 for i in range(8)]
     return Totals(nano_to_usd(values[0]), *values[1:])
@@ -170,9 +358,11 @@ def totals(
     store: Store, start: datetime, end: datetime, text: str = "", scope: str = "counted"
 ) -> Totals:
     """Usage totals in ``[start, end)`` (of the sources ``scope`` names, each dollar once)."""
-    sub, params = usage_rows(start, end, text, scope=scope)
-    row = store.query(f"SELECT {_TOTAL_SELECT} FROM ({sub})", params)[0]
-    return _totals(row)
+    if text:
+        sub, params = usage_rows(start, end, text, scope=scope)
+        return _totals(store.query(f"SELECT {_TOTAL_SELECT} FROM ({sub})", params)[0])
+    sub, params = total_rows(start, end, scope)
+    return _totals(store.query(f"SELECT {_SUMMED_TOTAL} FROM ({sub})", params)[0])
 
 
 @dataclass(frozen=True, slots=True)
@@ -280,9 +470,11 @@ def spend_series(
     lo = to_epoch(start) // step * step
     hi = to_epoch(end)
     # Rollups can serve only steps made of their whole periods.
-    sub, params = usage_rows(
-        from_epoch(lo), end, text, rollup=step % HOUR == 0, days=step % DAY == 0
-    )
+    rollup, days = step % HOUR == 0, step % DAY == 0
+    if text:
+        sub, params = usage_rows(from_epoch(lo), end, text, rollup=rollup, days=days)
+    else:
+        sub, params = total_rows(from_epoch(lo), end, rollup=rollup, days=days)
     rows = store.query(
         f"SELECT (start / {step}) * {step} AS t, SUM(cost_nano) FROM ({sub}) GROUP BY t", params
     )
@@ -300,6 +492,8 @@ class CostRow:
     previous: Totals
     priced: bool
     price_refs: tuple[str, ...] = ()
+    others: int = 0
+    """For the row that sums the groups beyond a ``limit`` (key :data:`OTHERS`): how many."""
 
     @property
     def cache_hit_rate(self) -> float | None:
@@ -316,36 +510,64 @@ class CostRow:
         return float((now - before) / before)
 
 
-def cost_by(
-    store: Store, start: datetime, end: datetime, group: str = "model", text: str = ""
-) -> list[CostRow]:
-    """Usage grouped by ``model`` (with provider), ``project``, ``api_key`` or ``tag``,
-    dearest first, each with the previous window of the same length."""
-    if group not in GROUPS:
-        raise ValueError(f"cannot group by {group!r}; choose one of {', '.join(GROUPS)}")
-    key = "provider, model" if group == "model" else f"'' AS provider, {group}"
-    key_cols = "provider, model" if group == "model" else f"provider, {group}"
-    length = end - start
+OTHERS = "others"
+"""The key of the row that sums the groups beyond a table's ``limit``."""
 
-    def grouped(lo: datetime, hi: datetime) -> dict[tuple[str, str], tuple[Totals, bool]]:
-        sub, params = usage_rows(lo, hi, text)
+
+def _add(a: Totals, b: Totals) -> Totals:
+    return Totals(*(getattr(a, f) + getattr(b, f) for f in Totals.__slots__))
+
+
+def _grouped(
+    store: Store, start: datetime, end: datetime, group: str, text: str
+) -> dict[tuple[str, str], tuple[Totals, bool]]:
+    """Totals per group (``(provider, key)``; provider ``""`` for groups other than the
+    model) and whether all of it was priced."""
+    out: dict[tuple[str, str], tuple[Totals, bool]] = {}
+    if text:  # a filter picks series: the per-series tables
+        key = "provider, model" if group == "model" else f"'' AS provider, {group}"
+        key_cols = "provider, model" if group == "model" else f"provider, {group}"
+        sub, params = usage_rows(start, end, text)
         rows = store.query(
             f"SELECT {key}, {_TOTAL_SELECT}, MIN(priced) FROM ({sub}) GROUP BY {key_cols}", params
         )
-        out: dict[tuple[str, str], tuple[Totals, bool]] = {}
         for r in rows:
-            k = (r[0], r[1])
-            t = _totals(r, 2)
+            k, t, priced = (r[0], r[1]), _totals(r, 2), bool(r[10])
             if k in out:  # non-model groups merge across providers
-                a = out[k][0]
-                t = Totals(*(getattr(a, f) + getattr(t, f) for f in Totals.__slots__))
-                out[k] = (t, out[k][1] and bool(r[10]))
-            else:
-                out[k] = (t, bool(r[10]))
+                t, priced = _add(out[k][0], t), out[k][1] and priced
+            out[k] = (t, priced)
         return out
+    if group == "model":
+        sub, params = _by_model_rows(start, end, "counted")
+        sql = _BY_MODEL.format(sums=_SUMMED_TOTAL, sub=sub)
+    else:
+        sub, params = _by_group_rows(group, start, end, "counted")
+        sql = f"SELECT '', value, {_SUMMED_TOTAL} FROM ({sub}) GROUP BY value"
+    for r in store.query(sql, params):
+        t = _totals(r, 2)
+        out[(r[0], r[1])] = (t, not t.unpriced_tokens and not t.unpriced_requests)
+    return out
 
-    current = grouped(start, end)
-    before = grouped(start - length, start)
+
+def cost_by(
+    store: Store,
+    start: datetime,
+    end: datetime,
+    group: str = "model",
+    text: str = "",
+    limit: int | None = None,
+) -> list[CostRow]:
+    """Usage grouped by ``model`` (with provider), ``project``, ``api_key`` or ``tag``,
+    dearest first, each with the previous window of the same length.
+
+    ``limit``: at most that many groups, and one more row (key :data:`OTHERS`, provider ``""``)
+    that sums the rest in both windows, so a pane shows what fits and the totals still add up.
+    """
+    if group not in GROUPS:
+        raise ValueError(f"cannot group by {group!r}; choose one of {', '.join(GROUPS)}")
+    length = end - start
+    current = _grouped(store, start, end, group, text)
+    before = _grouped(store, start - length, start, group, text)
     rows = [
         CostRow(
             key=k[1],
@@ -357,7 +579,25 @@ def cost_by(
         for k, (t, priced) in current.items()
     ]
     rows.sort(key=lambda r: (-r.totals.cost, -r.totals.requests, r.key))
-    return rows
+    if limit is None or len(rows) <= limit:
+        return rows
+    shown, rest = rows[: max(0, limit)], rows[max(0, limit) :]
+    kept = {(r.provider, r.key) for r in shown}
+    total, previous = Totals(), Totals()
+    for r in rest:
+        total = _add(total, r.totals)
+    for k, (t, _priced) in before.items():
+        if k not in kept:
+            previous = _add(previous, t)
+    others = CostRow(
+        key=OTHERS,
+        provider="",
+        totals=total,
+        previous=previous,
+        priced=all(r.priced for r in rest),
+        others=len(rest),
+    )
+    return [*shown, others]
 
 
 @dataclass(frozen=True, slots=True)
@@ -371,49 +611,65 @@ class MixRow:
     cost_share: float
     request_share: float
     priced: bool
+    others: int = 0
+    """For the row that sums the models beyond a ``limit`` (model :data:`OTHERS`): how many."""
 
 
-def model_mix(store: Store, start: datetime, end: datetime, text: str = "") -> list[MixRow]:
-    """Share of spend and requests per model in the window."""
-    sub, params = usage_rows(start, end, text)
-    rows = store.query(
-        f"SELECT provider, model, SUM(cost_nano), SUM(requests), MIN(priced) FROM ({sub})"
-        " GROUP BY provider, model",
-        params,
-    )
-    total_cost = sum((r[2] or 0) for r in rows)
-    total_req = sum((r[3] or 0) for r in rows)
-    mix = [
-        MixRow(
-            provider=r[0],
-            model=r[1],
-            cost=nano_to_usd(r[2] or 0),
-            requests=r[3] or 0,
-            cost_share=(r[2] or 0) / total_cost if total_cost else 0.0,
-            request_share=(r[3] or 0) / total_req if total_req else 0.0,
-            priced=bool(r[4]),
+def model_mix(
+    store: Store, start: datetime, end: datetime, text: str = "", limit: int | None = None
+) -> list[MixRow]:
+    """Share of spend and requests per model in the window, dearest first; ``limit`` as
+    :func:`cost_by`."""
+    groups = _grouped(store, start, end, "model", text)
+    total_cost = sum(t.cost for t, _ in groups.values())
+    total_req = sum(t.requests for t, _ in groups.values())
+
+    def row(provider: str, model: str, t: Totals, priced: bool, others: int = 0) -> MixRow:
+        return MixRow(
+            provider=provider,
+            model=model,
+            cost=t.cost,
+            requests=t.requests,
+            cost_share=float(t.cost / total_cost) if total_cost else 0.0,
+            request_share=t.requests / total_req if total_req else 0.0,
+            priced=priced,
+            others=others,
         )
-        for r in rows
-    ]
+
+    mix = [row(k[0], k[1], t, priced) for k, (t, priced) in groups.items()]
     mix.sort(key=lambda m: (-m.cost, -m.requests, m.model))
-    return mix
+    if limit is None or len(mix) <= limit:
+        return mix
+    shown, rest = mix[: max(0, limit)], mix[max(0, limit) :]
+    total = Totals()
+    for m in rest:
+        total = _add(total, groups[(m.provider, m.model)][0])
+    return [*shown, row("", OTHERS, total, all(m.priced for m in rest), len(rest))]
 
 
 def unpriced(store: Store, start: datetime, end: datetime, text: str = "") -> dict[str, int]:
     """Tokens of unpriced models in the window, by ``provider/model``."""
-    sub, params = usage_rows(start, end, text)
-    rows = store.query(
-        f"SELECT provider, model, SUM(input_uncached + cache_read + cache_write_5m"
-        f" + cache_write_1h + output) FROM ({sub}) WHERE priced = 0 GROUP BY provider, model",
-        params,
-    )
+    if text:
+        sub, params = usage_rows(start, end, text)
+        rows = store.query(
+            f"SELECT provider, model, SUM(input_uncached + cache_read + cache_write_5m"
+            f" + cache_write_1h + output) FROM ({sub}) WHERE priced = 0 GROUP BY provider, model",
+            params,
+        )
+    else:
+        sub, params = _by_model_rows(start, end, "counted")
+        sums = "SUM(g.unpriced_tokens), SUM(g.unpriced_requests)"
+        rows = [
+            r for r in store.query(_BY_MODEL.format(sums=sums, sub=sub), params) if r[2] or r[3]
+        ]
     return {f"{r[0]}/{r[1]}" if r[0] else r[1]: r[2] or 0 for r in rows}
 
 
 def price_refs(store: Store, start: datetime, end: datetime) -> list[str]:
     """The distinct price references behind the usage of a window (fine table only)."""
     rows = store.query(
-        "SELECT DISTINCT price_ref FROM usage WHERE start >= ? AND start < ? ORDER BY price_ref",
+        "SELECT ref FROM price WHERE id IN"
+        " (SELECT DISTINCT price_id FROM usage WHERE start >= ? AND start < ?) ORDER BY ref",
         (to_epoch(start), to_epoch(end)),
     )
     return [r[0] for r in rows if r[0]]
@@ -435,9 +691,11 @@ def usage_by_price_ref(store: Store, start: datetime, end: datetime) -> list[Pri
     """Tokens, requests and cost of a window by the price reference that priced them (fine
     table only, as :func:`price_refs`), dearest first."""
     rows = store.query(
-        "SELECT price_ref, SUM(input_uncached + cache_read + cache_write_5m + cache_write_1h"
-        " + output), SUM(requests), SUM(cost_nano), MIN(priced) FROM usage"
-        " WHERE start >= ? AND start < ? AND price_ref != '' GROUP BY price_ref",
+        "SELECT p.ref, g.tokens, g.requests, g.cost, g.priced FROM (SELECT price_id,"
+        " SUM(input_uncached + cache_read + cache_write_5m + cache_write_1h + output) AS tokens,"
+        " SUM(requests) AS requests, SUM(cost_nano) AS cost, MIN(priced) AS priced FROM usage"
+        " WHERE start >= ? AND start < ? GROUP BY price_id) AS g"
+        " JOIN price AS p ON p.id = g.price_id WHERE p.ref != ''",
         (to_epoch(start), to_epoch(end)),
     )
     out = [
@@ -462,14 +720,23 @@ class ProviderDay:
         return None if self.billed is None else self.billed - self.estimated
 
 
+_BILLING_PROVIDERS = (
+    "WITH RECURSIVE p(provider) AS (SELECT MIN(provider) FROM billed UNION ALL"
+    " SELECT (SELECT MIN(provider) FROM billed WHERE provider > p.provider) FROM p"
+    " WHERE p.provider IS NOT NULL) SELECT provider FROM p WHERE provider IS NOT NULL"
+)
+"""Every provider that has billed anything: one index seek each (``billed`` grows by a few
+dozen rows a day, forever), not a scan."""
+
+
 def billed_vs_estimated(store: Store, start: datetime, end: datetime) -> list[ProviderDay]:
     """Per provider and UTC day in the window: estimate, billed cost and the gap."""
     lo = to_epoch(start) // 86400 * 86400
     hi = to_epoch(end)
-    sub, params = usage_rows(from_epoch(lo), end)
+    sub, params = total_rows(from_epoch(lo), end)
     est = store.query(
-        f"SELECT provider, (start / 86400) * 86400 AS d, SUM(cost_nano) FROM ({sub})"
-        " GROUP BY provider, d",
+        f"SELECT o.provider, (x.start / 86400) * 86400 AS d, SUM(x.cost_nano) FROM ({sub}) AS x"
+        " JOIN origin AS o ON o.id = x.origin_id GROUP BY o.provider, d",
         params,
     )
     billed = store.query(
@@ -479,7 +746,7 @@ def billed_vs_estimated(store: Store, start: datetime, end: datetime) -> list[Pr
     )
     billed_by = {(r[0], r[1]): r[2] for r in billed}
     # Providers that bill at all are listed for every day, billed or not yet.
-    billed_providers = {r[0] for r in store.query("SELECT DISTINCT provider FROM billed")}
+    billed_providers = {r[0] for r in store.query(_BILLING_PROVIDERS)}
     keys = {(r[0], r[1]) for r in est if r[0] in billed_providers} | set(billed_by)
     est_by = {(r[0], r[1]): r[2] or 0 for r in est}
     days = [
@@ -500,9 +767,11 @@ def total_sources(store: Store, start: datetime, end: datetime) -> dict[str, dic
     and the metered sources whose records are inside those totals, not added (``metered``)."""
     out: dict[str, dict[str, list[str]]] = {}
     for scope in ("counted", "metered"):
-        sub, params = usage_rows(start, end, scope=scope)
+        sub, params = total_rows(start, end, scope=scope)
         rows = store.query(
-            f"SELECT DISTINCT provider, source FROM ({sub}) ORDER BY provider, source", params
+            f"SELECT DISTINCT o.provider, o.source FROM ({sub}) AS x"
+            " JOIN origin AS o ON o.id = x.origin_id ORDER BY o.provider, o.source",
+            params,
         )
         for provider, source in rows:
             entry = out.setdefault(provider, {"counted": [], "metered": []})
@@ -586,8 +855,13 @@ class GpuOverview:
 
 def gpu_overview(store: Store, start: datetime, end: datetime) -> GpuOverview:
     """Per-GPU and per-endpoint cost, inferences and the fully loaded $/inference."""
+    horizon = _minutes_horizon(store)
     sub, params = _timed_rows(
-        "gpu", "source, device, name, interval_ms, cost_nano, idle_cost_nano", start, end
+        "gpu",
+        "source, device, name, interval_ms, cost_nano, idle_cost_nano",
+        start,
+        end,
+        horizon=horizon,
     )
     sums = store.query(
         f"SELECT source, device, name, SUM(interval_ms), SUM(cost_nano), SUM(idle_cost_nano)"
@@ -634,6 +908,7 @@ def gpu_overview(store: Store, start: datetime, end: datetime) -> GpuOverview:
         "source, endpoint, kind, interval_ms, requests, prompt_tokens, generation_tokens",
         start,
         end,
+        horizon=horizon,
     )
     rows = store.query(
         f"SELECT source, endpoint, MAX(kind), SUM(requests), SUM(prompt_tokens),"
@@ -665,8 +940,9 @@ def gpu_series(
     hi = to_epoch(end)
     begin = from_epoch(lo)
     whole_hours = step % HOUR == 0
-    gsub, gparams = _timed_rows("gpu", "source, cost_nano", begin, end, whole_hours)
-    isub, iparams = _timed_rows("inference", "source, requests", begin, end, whole_hours)
+    horizon = _minutes_horizon(store)
+    gsub, gparams = _timed_rows("gpu", "source, cost_nano", begin, end, whole_hours, horizon)
+    isub, iparams = _timed_rows("inference", "source, requests", begin, end, whole_hours, horizon)
     cost = store.query(
         f"SELECT (ts / {step * 1000}) * {step} AS t, SUM(cost_nano) FROM ({gsub}) GROUP BY t",
         gparams,

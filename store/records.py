@@ -191,6 +191,26 @@ class MeteredRequest:
     status: int = 200
     tag: str = ""
     estimated: bool = False
+    service_tier: str = ""
+    """The tier that served it (the response's ``service_tier``). It prices the request and is
+    not stored: ``price_ref`` records the rule that priced it."""
+
+
+STALE_POLLS = 3
+"""A source is stale after this many of its intervals without a successful poll..."""
+STALE_FLOOR_S = 10.0
+"""...and never sooner than this many seconds (a 1 s source is stale after 10 s)."""
+DEFAULT_INTERVAL_S = 60.0
+"""The interval assumed for a polled source whose row predates stored intervals."""
+LIVE_STATES = frozenset({"ok", "backfilling"})
+"""Recorded states that claim the source is working (and so can turn out stale)."""
+HEARTBEAT_KINDS = frozenset({"meter"})
+"""Kinds that are not polled but beat while alive (the proxy): stale means stopped."""
+
+
+def stale_after(interval_s: float) -> float:
+    """Seconds without a successful poll after which a source of this interval is stale."""
+    return max(STALE_POLLS * interval_s, STALE_FLOOR_S)
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,6 +229,44 @@ class SourceHealth:
     watermark: datetime | None = None
     detail: str = ""
     newest_data: datetime | None = None
+    interval_s: float | None = None
+    """Seconds between polls (or heartbeats, for a meter); ``None`` when not recorded."""
+
+    @property
+    def stale_after_s(self) -> float | None:
+        """Seconds without a success after which this source is stale; ``None`` for a meter
+        that leaves no heartbeat (it only writes when traffic passes, so silence says nothing).
+        """
+        if self.interval_s is None:
+            return None if self.kind in HEARTBEAT_KINDS else stale_after(DEFAULT_INTERVAL_S)
+        return stale_after(self.interval_s)
+
+    def age_s(self, now: datetime) -> float | None:
+        """Seconds since the last successful poll (or heartbeat); ``None`` if there was none."""
+        if self.last_success is None:
+            return None
+        return max(0.0, (now - self.last_success).total_seconds())
+
+    def overdue(self, now: datetime) -> bool:
+        """No successful poll for longer than :attr:`stale_after_s` (whatever the state says)."""
+        limit, age = self.stale_after_s, self.age_s(now)
+        return limit is not None and age is not None and age > limit
+
+    def stale(self, now: datetime) -> bool:
+        """The recorded state says the source works, but it has not succeeded for too long:
+        its process stopped (or hangs)."""
+        return self.state in LIVE_STATES and self.overdue(now)
+
+    def shown_state(self, now: datetime) -> str:
+        """The state to show: ``stale`` (``stopped`` for a meter) instead of a recorded ``ok``
+        that is no longer true, else the recorded state."""
+        if self.stale(now):
+            return "stopped" if self.kind in HEARTBEAT_KINDS else "stale"
+        return self.state
+
+    def failing(self, now: datetime) -> bool:
+        """Not working right now: a failure state, stale, or never succeeded."""
+        return self.state not in LIVE_STATES or self.last_success is None or self.stale(now)
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,13 +10,16 @@ from __future__ import annotations
 import csv
 import io
 import json
+import shlex
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
 from tokentop.store import queries
 from tokentop.store.db import Store
+from tokentop.store.queries import CostRow
 from tokentop.store.text import csv_cell, csv_comment, md_cell
+from tokentop.store.view import DEFAULT_SORT, sort_name, sort_rows
 
 FORMATS = ("json", "csv", "md")
 """Text formats rendered here; ``svg`` is a picture of the screen, made by the app."""
@@ -40,6 +43,15 @@ def _iso(value: datetime | None) -> str | None:
     return None if value is None else value.isoformat()
 
 
+def _resolution(r: queries.Resolution) -> dict[str, Any]:
+    return {
+        "step": r.step,
+        "note": r.note,
+        "minutes_since": _iso(r.minutes_since),
+        "hours_since": _iso(r.hours_since),
+    }
+
+
 def build_report(
     store: Store,
     start: datetime,
@@ -48,8 +60,18 @@ def build_report(
     prices: dict[str, Any],
     label: str = "",
     gpu_rates: list[dict[str, Any]] | None = None,
+    *,
+    text: str = "",
+    group: str = "model",
+    sort: tuple[str, bool] | None = None,
+    window: str = "",
 ) -> dict[str, Any]:
     """Everything known about ``[start, end)``, as plain JSON-ready data.
+
+    ``text``, ``group`` and ``sort`` are the view, as on the screen: the usage figures (totals,
+    metered, per model, per group, unpriced) count only the rows the filter selects, ``by_group``
+    lists the grouping's rows in the sort's order, and ``view`` records all three (GPU cost,
+    bills and sources are not filtered, as in the TUI).
 
     Args:
         store: the database.
@@ -59,10 +81,18 @@ def build_report(
         prices: the price book's description (``PriceBook.describe()``).
         label: ``"demo"`` for simulated data.
         gpu_rates: the GPU rates in force, for the record.
+        text: the filter (:mod:`tokentop.store.filters`).
+        group: ``model``, ``project``, ``api_key`` or ``tag``.
+        sort: (column, descending) of ``by_group`` (:data:`tokentop.store.view.SORT_COLUMNS`).
+        window: the window's name on the screen (``1h``), for the record.
     """
-    totals = queries.totals(store, start, end)
-    metered = queries.totals(store, start, end, scope="metered")
-    by_model = queries.cost_by(store, start, end, "model")
+    sort = sort or DEFAULT_SORT
+    totals = queries.totals(store, start, end, text)
+    metered = queries.totals(store, start, end, text, scope="metered")
+    by_model = queries.cost_by(store, start, end, "model", text)
+    by_group = sort_rows(
+        by_model if group == "model" else queries.cost_by(store, start, end, group, text), sort
+    )
     gpu = queries.gpu_overview(store, start, end)
     sources = queries.sources(store, now)
     newest = queries.newest_complete_usage(store, now)
@@ -87,6 +117,35 @@ def build_report(
             "database": str(store.path),
         },
         "window": {"start": start.isoformat(), "end": end.isoformat()},
+        # Behind the retention horizon one-minute buckets are folded into hours (then days):
+        # a window that starts there is exact to the hour (day) at its start; the note says so.
+        "resolution": _resolution(queries.resolution(store, start)),
+        "view": {
+            "filter": text,
+            "group_by": group,
+            "sort": sort_name(sort),
+            "window": window or None,
+            # The same figures from the command line (while no bucket of the window changes).
+            "command": shlex.join(
+                [
+                    "tokentop",
+                    "export",
+                    "--db",
+                    str(store.path),
+                    "--format",
+                    "json",
+                    "--since",
+                    start.isoformat(),
+                    "--until",
+                    end.isoformat(),
+                    *(["--filter", text] if text else []),
+                    "--group-by",
+                    group,
+                    "--sort",
+                    sort_name(sort),
+                ]
+            ),
+        },
         "total_usd": usd(totals.cost),
         "billed_usd": usd(billed),
         "requests": totals.requests,
@@ -121,7 +180,8 @@ def build_report(
             }
             for row in by_model
         ],
-        "unpriced": queries.unpriced(store, start, end),
+        "by_group": [_group_row(row, group) for row in by_group],
+        "unpriced": queries.unpriced(store, start, end, text),
         "by_provider": [
             {
                 "provider": name,
@@ -197,7 +257,12 @@ def build_report(
             {
                 "name": s.name,
                 "kind": s.kind,
-                "state": s.state,
+                # "stale" (a meter: "stopped") when it says ok but has not succeeded for three
+                # of its intervals (at least 10 s): its process died or hangs.
+                "state": s.shown_state(now),
+                "stale": s.stale(now),
+                "age_s": None if s.last_success is None else round(s.age_s(now) or 0.0, 1),
+                "interval_s": s.interval_s,
                 "last_success": _iso(s.last_success),
                 "last_error": s.last_error,
                 "last_error_at": _iso(s.last_error_at),
@@ -213,6 +278,30 @@ def build_report(
             "newest_gpu": _iso(gpu.newest),
         },
         "prices": _prices(store, start, end, prices),
+    }
+
+
+def _group_row(row: CostRow, group: str) -> dict[str, Any]:
+    """One row of the group table, with the figures its columns show."""
+    t = row.totals
+    per = t.requests or None
+    return {
+        "group_by": group,
+        "key": row.key,
+        "provider": row.provider,
+        "requests": t.requests,
+        "input_tokens": t.input_total,
+        "cached_input_tokens": t.cache_read,
+        "cache_write_tokens": t.cache_write,
+        "output_tokens": t.output,
+        "cost_usd": usd(t.cost) if row.priced or t.cost > 0 else None,
+        "cost_per_request_usd": usd(t.cost_per_request) if row.priced or t.cost > 0 else None,
+        "input_tokens_per_request": None if per is None else round(t.input_total / per, 3),
+        "output_tokens_per_request": None if per is None else round(t.output / per, 3),
+        "cache_hit_rate": None if row.cache_hit_rate is None else round(row.cache_hit_rate, 6),
+        # Of $/request against the previous window of the same length, as the Δ column shows.
+        "change_cost_per_request": None if row.change is None else round(row.change, 6),
+        "priced": row.priced,
     }
 
 
@@ -282,6 +371,7 @@ def _csv(report: dict[str, Any]) -> str:
         f"# tokentop report v{meta['report_version']}{demo}",
         f"# generated_at: {meta['generated_at']}",
         f"# window: {report['window']['start']} .. {report['window']['end']}",
+        *_view_comments(report),
         f"# total_usd: {report['total_usd']}",
         f"# billed_usd: {report['billed_usd']}",
         f"# requests: {report['requests']}",
@@ -300,14 +390,32 @@ def _csv(report: dict[str, Any]) -> str:
         error = f", last error: {csv_comment(s['last_error'])}" if s["last_error"] else ""
         lines.append(
             f"# source {csv_comment(s['name'])}: {csv_comment(s['state'])},"
-            f" last success {s['last_success']}, lag {s['lag_s']} s{error}"
+            f" last success {s['last_success']} (age {s['age_s']} s), lag {s['lag_s']} s{error}"
         )
     out.write("\n".join(lines) + "\n")
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(_CSV_COLUMNS)
-    for row in report["by_model"]:
-        writer.writerow(["" if row[c] is None else csv_cell(row[c]) for c in _CSV_COLUMNS])
+    group = (report.get("view") or {}).get("group_by", "model")
+    # The rows of the screen's table: its grouping, in its order.
+    columns = _CSV_COLUMNS if group == "model" else (group, *_CSV_COLUMNS[2:])
+    rows = report["by_model"]
+    if "by_group" in report:
+        first = "model" if group == "model" else group
+        rows = [{**r, first: r["key"]} for r in report["by_group"]]
+    writer.writerow(columns)
+    for row in rows:
+        writer.writerow(["" if row[c] is None else csv_cell(row[c]) for c in columns])
     return out.getvalue()
+
+
+def _view_comments(report: dict[str, Any]) -> list[str]:
+    view = report.get("view")
+    if not view:
+        return []
+    return [
+        f"# filter: {csv_comment(view['filter']) or '(none)'}",
+        f"# group_by: {view['group_by']}",
+        f"# sort: {view['sort']}",
+    ]
 
 
 def _excl(report: dict[str, Any]) -> str:
@@ -331,6 +439,37 @@ def _sources_of_totals(report: dict[str, Any]) -> list[str]:
     return [*lines, ""] if lines else []
 
 
+def _view_lines(report: dict[str, Any]) -> list[str]:
+    view = report.get("view")
+    if not view:
+        return []
+    shown = f"`{md_cell(view['filter'])}`" if view["filter"] else "none"
+    return [f"- Filter: {shown}; by {view['group_by']}; sorted by {view['sort']}"]
+
+
+def _group_table(report: dict[str, Any]) -> list[str]:
+    """The screen's group table when it is not the per-model one above."""
+    group = (report.get("view") or {}).get("group_by", "model")
+    if group == "model" or "by_group" not in report:
+        return []
+    name = group.replace("_", " ")
+    lines = [
+        "",
+        f"## By {name}",
+        "",
+        f"| {name.capitalize()} | Requests | Input | Output | Cost | $/request |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in report["by_group"]:
+        unpriced = r["cost_usd"] is None
+        lines.append(
+            f"| {md_cell(r['key']) or '(none)'} | {r['requests']:,} | {r['input_tokens']:,} |"
+            f" {r['output_tokens']:,} | {_money(r['cost_usd'], unpriced)} |"
+            f" {_money(r['cost_per_request_usd'], unpriced)} |"
+        )
+    return lines
+
+
 def _markdown(report: dict[str, Any]) -> str:
     meta = report["tokentop"]
     w = report["window"]
@@ -338,6 +477,7 @@ def _markdown(report: dict[str, Any]) -> str:
         f"# tokentop report{' — DEMO (simulated data)' if meta['demo'] else ''}",
         "",
         f"- Window: {w['start']} to {w['end']}",
+        *_view_lines(report),
         f"- Generated: {meta['generated_at']}",
         f"- Data freshness: newest usage {report['freshness']['newest_usage']}"
         f" ({report['freshness']['usage_age_s']} s old)",
@@ -369,6 +509,7 @@ def _markdown(report: dict[str, Any]) -> str:
             f" {r['output_tokens']:,} | {_money(r['cost_usd'], not r['priced'])} |"
             f" {_money(r['cost_per_request_usd'], not r['priced'])} |"
         )
+    lines += _group_table(report)
     if report["unpriced"]:
         lines += ["", "Unpriced models (tokens counted, cost unknown):", ""]
         lines += [
@@ -426,7 +567,8 @@ def _markdown(report: dict[str, Any]) -> str:
     for s in report["sources"]:
         lines.append(
             f"| {md_cell(s['name'])} | {md_cell(s['kind'])} | {md_cell(s['state'])} |"
-            f" {s['last_success'] or 'never'} |"
+            f" {s['last_success'] or 'never'}"
+            f"{'' if s['age_s'] is None else ' (' + str(s['age_s']) + ' s ago)'} |"
             f" {'' if s['lag_s'] is None else str(s['lag_s']) + ' s'} |"
             f" {md_cell(s['last_error'])} |"
         )

@@ -17,6 +17,7 @@ from decimal import Decimal
 from typing import Any
 
 from tokentop.store.db import Store
+from tokentop.store.filters import filter_sql
 from tokentop.store.records import MeteredRequest, from_epoch, nano_to_usd
 
 REQUEST_GROUPS = ("tag", "model", "provider")
@@ -87,8 +88,9 @@ def _where(start: datetime, end: datetime, tag: str | None, text: str) -> tuple[
             sql += " AND tag = ?"
         params.append(tag)
     if text:
-        sql += " AND (tag LIKE ? OR model LIKE ? OR provider LIKE ?)"
-        params += [f"%{text}%"] * 3
+        where, fparams = filter_sql(text, ("tag", "model", "provider"))
+        sql += where
+        params += fparams
     return sql, params
 
 

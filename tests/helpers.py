@@ -83,7 +83,8 @@ USAGE_FLAT = (
     " u.cache_read AS cache_read, u.cache_write_5m AS cache_write_5m,"
     " u.cache_write_1h AS cache_write_1h, u.output AS output, u.requests AS requests,"
     " u.web_searches AS web_searches, u.cost_nano AS cost_nano, u.priced AS priced,"
-    " u.price_ref AS price_ref FROM usage AS u JOIN series AS s ON s.id = u.series_id)"
+    " p.ref AS price_ref FROM usage AS u JOIN series AS s ON s.id = u.series_id"
+    " JOIN price AS p ON p.id = u.price_id)"
 )
 """The fine ``usage`` rows with their series' columns, as one table (the version 1 layout)."""
 

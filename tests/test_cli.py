@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -132,7 +133,9 @@ def test_missing_database_is_named(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def demo_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("demo") / "demo.db"
-    result = run("collect", "--demo", "--once", "--db", str(path))
+    # A 10-minute interval: the sources stay fresh (30 min) for every test of this module; at
+    # the demo's 1 s they would be stale 10 s after this one-shot collect.
+    result = run("collect", "--demo", "--once", "--interval", "600", "--db", str(path))
     assert result.returncode == 0, result.stderr
     return path
 
@@ -160,7 +163,13 @@ def test_report_json_contract(demo_db: Path) -> None:
     ):
         assert key in data
     assert set(data["window"]) == {"start", "end"}
-    assert data["billed_usd"] is None
+    # The demo bills a UTC day once it has ended, so the last hour is unbilled, unless it
+    # reaches back past midnight into a day that ended before the collect.
+    start = datetime.fromisoformat(data["window"]["start"])
+    if start.date() == datetime.fromisoformat(data["tokentop"]["generated_at"]).date():
+        assert data["billed_usd"] is None
+    else:
+        assert data["billed_usd"] is None or data["billed_usd"] > 0
     assert data["requests"] > 0
     assert data["total_usd"] > 0
     assert data["tokentop"]["demo"] is True
@@ -296,7 +305,54 @@ def test_collect_without_sources_says_what_to_do(tmp_path: Path) -> None:
     config = tmp_path / "c.toml"
     config.write_text("nvml = false\n")
     result = run("--config", str(config), "--db", str(tmp_path / "x.db"), "collect", "--once")
-    assert_usage_error(result, "OPENAI_ADMIN_KEY")
+    # Nothing to collect is a runtime failure (1), in one line saying how to get a source.
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("tokentop: error: no sources configured")
+    for needle in ("OPENAI_ADMIN_KEY", "ANTHROPIC_ADMIN_KEY", "tokentop proxy", "--demo"):
+        assert needle in lines[0]
+
+
+def test_sources_exit_code_says_whether_every_source_is_ok(tmp_path: Path) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from tokentop.store.records import SourceHealth
+
+    db = tmp_path / "s.db"
+    now = datetime.now(UTC)
+    with Store(db) as store:
+        for name in ("demo", "demo-gpu"):
+            store.record_health(
+                SourceHealth(name, "demo", "ok", last_success=now, interval_s=3600.0), now=now
+            )
+    args = ("sources", "--demo", "--db", str(db))
+    fresh = run(*args, "--json")
+    assert fresh.returncode == 0, fresh.stderr
+    shape = json.loads(fresh.stdout)
+    # A collector killed two hours ago: its 1 s source still says "ok" in the file.
+    killed = now - timedelta(hours=2)
+    with Store(db) as store:
+        store.record_health(
+            SourceHealth("demo", "demo", "ok", last_success=killed, interval_s=1.0), now=killed
+        )
+    stale = run(*args, "--json")
+    assert stale.returncode == 1
+    data = json.loads(stale.stdout)
+    assert data.keys() == shape.keys()
+    assert [r.keys() for r in data["sources"]] == [r.keys() for r in shape["sources"]]
+    rows = {r["name"]: r for r in data["sources"]}
+    assert rows["demo"]["state"] == "stale" and rows["demo"]["age_s"] >= 7200
+    assert rows["demo-gpu"]["state"] == "ok"
+    text = run(*args)
+    assert text.returncode == 1
+    line = next(x for x in text.stdout.splitlines() if x.startswith("demo "))
+    assert "stale" in line and "2.0h ago" in line and "no successful poll for 2.0h" in line
+    # A failing source fails the check too.
+    with Store(db) as store:
+        store.record_health(
+            SourceHealth("demo", "demo", "error", last_error="boom", interval_s=1.0), now=now
+        )
+    assert run(*args).returncode == 1
 
 
 def test_machine_without_gpus_is_not_a_failure(tmp_path: Path) -> None:
@@ -314,3 +370,11 @@ def test_machine_without_gpus_is_not_a_failure(tmp_path: Path) -> None:
     )["sources"]
     gpu = next(s for s in sources if s["name"] == "gpu")
     assert gpu["state"] in ("ok", "unavailable")
+
+
+def test_watch_only_is_a_flag_of_the_tui() -> None:
+    from tokentop.tui.cli import build_parser
+
+    assert build_parser().parse_args(["--watch-only", "--demo"]).watch_only is True
+    assert build_parser().parse_args([]).watch_only is False
+    assert "--watch-only" in run("--help").stdout

@@ -1,5 +1,5 @@
 """GPU cost per inference end to end: fake H100s at the pynvml boundary, a fake vLLM server,
-``tokentop collect --interval 1`` in a subprocess stopped by SIGINT, then ``report --json``."""
+``tokentop collect --interval 0.2`` in a subprocess stopped by SIGINT, then ``report --json``."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ from pathlib import Path
 from tests.fakes.metrics_server import MetricsServer, Traffic
 
 ROOT = Path(__file__).resolve().parents[1]
+SAMPLES = 20
+"""GPU rows (both boards together) to collect before stopping: about 2 s at 0.2 s a sample."""
 
 
 def test_two_h100s_serving_vllm_cost_per_inference(tmp_path: Path) -> None:
@@ -40,7 +42,7 @@ def test_two_h100s_serving_vllm_cost_per_inference(tmp_path: Path) -> None:
                 str(db),
                 "collect",
                 "--interval",
-                "1",
+                "0.2",
             ],
             cwd=ROOT,
             env=env,
@@ -52,8 +54,8 @@ def test_two_h100s_serving_vllm_cost_per_inference(tmp_path: Path) -> None:
             # Wait for the collector to have run for a while (its own database says so).
             deadline = time.monotonic() + 60
             samples = 0
-            while time.monotonic() < deadline and samples < 14:
-                time.sleep(0.5)
+            while time.monotonic() < deadline and samples < SAMPLES:
+                time.sleep(0.1)
                 if db.exists():
                     from tokentop.store.db import Store
 

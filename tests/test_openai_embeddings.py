@@ -410,7 +410,7 @@ def test_cli_reports_embeddings_with_exact_tokens_and_list_price(tmp_path: Path)
         rows = {r["model"]: r for r in report["by_model"]}
         assert "gpt-4o-mini-2024-07-18" in rows and "claude-sonnet-4-20250514" in rows
         book = PriceBook()
-        now = datetime.now(UTC)
+        now = datetime.fromisoformat(report["tokentop"]["generated_at"])
         for model, t in truth.items():
             row = rows[model]
             assert row["provider"] == "openai"
@@ -421,8 +421,8 @@ def test_cli_reports_embeddings_with_exact_tokens_and_list_price(tmp_path: Path)
             quote = book.quote("openai", model, TokenCounts(input_uncached=t["input"]), now)
             assert quote.cost is not None and quote.cost > 0
             assert abs(Decimal(str(row["cost_usd"])) - quote.cost) <= Decimal("0.000001"), model
-        since = datetime.now(UTC) - timedelta(hours=6)
+        since, until = (datetime.fromisoformat(report["window"][k]) for k in ("start", "end"))
         openai_requests = sum(
             r["requests"] for r in report["by_model"] if r["provider"] == "openai"
         )
-        assert openai_requests == server.usage_totals("openai", since)["requests"]
+        assert openai_requests == server.usage_totals("openai", since, until)["requests"]

@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 from collections import defaultdict
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -53,6 +53,11 @@ def _env(server: FakeProviderServer, tmp_path: Path, **over: str) -> dict[str, s
     }
 
 
+def utc_day(when: datetime) -> datetime:
+    """Midnight UTC starting the day that holds ``when``."""
+    return when.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+
+
 def _truth_by_model(server: FakeProviderServer) -> dict[str, dict[str, int]]:
     """The fake's own totals per model, in tokentop's token kinds."""
     out: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
@@ -87,7 +92,10 @@ def test_five_collects_with_faults_give_the_providers_exact_numbers(
             server.fault("429", path="usage", retry_after="1")
         elif fault:
             server.fault(fault, path="usage")
+        # The fake's clock around the collect: the last one decides which days are billed.
+        before = server.now()
         result = tokentop("collect", "--once", env=env)
+        after = server.now()
         assert "Traceback" not in result.stderr
         codes.append(result.returncode)
     # The 429 abandons that run whole (exit 1); retries absorb the 500 and the truncated body.
@@ -100,7 +108,7 @@ def test_five_collects_with_faults_give_the_providers_exact_numbers(
     rows = {r["model"]: r for r in report["by_model"]}
     assert set(rows) == set(truth)
     book = PriceBook()
-    now = datetime.now(UTC)
+    now = datetime.fromisoformat(report["tokentop"]["generated_at"])
     for model, t in truth.items():
         row = rows[model]
         writes = t["cache_write_5m"] + t["cache_write_1h"]
@@ -124,15 +132,19 @@ def test_five_collects_with_faults_give_the_providers_exact_numbers(
         )
         assert quote.cost is not None
         assert abs(Decimal(str(row["cost_usd"])) - quote.cost) <= Decimal("0.000001"), model
-    # Billed cost came from the cost endpoints, beside the estimate.
+    # Billed cost came from the cost endpoints, beside the estimate: all of OpenAI's, today's
+    # partial day included, and Anthropic's days before the UTC day of the last collect (the
+    # fake, like Anthropic, does not report today's cost yet). So when the 3 hours straddle
+    # midnight, yesterday's Anthropic cost counts too; a collect that itself straddled midnight
+    # may have seen either day as today. The 6 h window covers every seeded day.
     assert report["billed_usd"] is not None and report["billed_usd"] > 0
-    # (The fake, like Anthropic, does not report today's cost yet; the 3 hours are all today.)
-    day = now.replace(hour=0, minute=0, second=0, microsecond=0)
-    billed = server.cost_total("openai", day - timedelta(days=1), day + timedelta(days=1))
-    window_start = datetime.fromisoformat(report["window"]["start"])
-    if window_start >= day:
-        billed = server.cost_total("openai", day, day + timedelta(days=1))
-    assert Decimal(str(report["billed_usd"])) == billed.quantize(Decimal("1e-9"))
+    billed = {
+        (server.cost_total("openai") + server.cost_total("anthropic", end=utc_day(t))).quantize(
+            Decimal("1e-9")
+        )
+        for t in (before, after)
+    }
+    assert Decimal(str(report["billed_usd"])) in billed
     providers = {p["provider"]: p for p in report["by_provider"]}
     assert providers["openai"]["gap_usd"] is not None
 
@@ -173,5 +185,6 @@ def test_wrong_key_shows_auth_failed_and_the_rest_keeps_working(
     assert "sk-ant-admin-wrong" not in svg and server.openai_key not in svg
     report = json.loads(tokentop("report", "--since", "6h", "--json", env=env).stdout)
     assert {r["provider"] for r in report["by_model"]} == {"openai"}
-    since = datetime.now(UTC) - timedelta(hours=6)
-    assert report["requests"] == server.usage_totals("openai", since)["requests"]
+    window = report["window"]
+    since, until = (datetime.fromisoformat(window[k]) for k in ("start", "end"))
+    assert report["requests"] == server.usage_totals("openai", since, until)["requests"]

@@ -32,7 +32,7 @@ from tests.test_meter import (
     Usage,
 )
 from tokentop.collectors.meter import Recorder
-from tokentop.collectors.proxy import ProxyConfig, ProxyThread, _ChunkedScanner
+from tokentop.collectors.proxy import ProxyConfig, ProxyThread, _Response
 from tokentop.pricing.book import PriceBook, TokenCounts
 from tokentop.store.db import Store
 from tokentop.tui import cli
@@ -298,26 +298,29 @@ def test_http_framing_keep_alive_http10_and_local_answers(stack: Stack) -> None:
     assert len(stack.rows()) == 4
 
 
-def test_chunked_scanner_follows_any_split() -> None:
+def test_chunked_response_body_is_followed_at_any_split() -> None:
+    head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
     payloads = [b"a" * 5, b"b" * 300, b"\r\n" * 3, b"c"]
     wire = b"".join(b"%x;ext=1\r\n%s\r\n" % (len(p), p) for p in payloads)
     wire += b"0\r\nTrailer: x\r\n\r\n"
     rng = random.Random(5)
     for _ in range(200):
-        scanner = _ChunkedScanner()
-        data, used_total, i = b"", 0, 0
-        extra = b"NEXT RESPONSE"
-        stream = wire + extra
-        while not scanner.done:
+        response = _Response()
+        response.feed(head)
+        data, i = b"", 0
+        while not response.complete:
             step = rng.randint(1, 40)
-            used, parts = scanner.feed(stream[i : i + step])
-            data += b"".join(parts)
-            used_total += used
+            data += b"".join(response.feed(wire[i : i + step]))
             i += step
         assert data == b"".join(payloads)
-        assert used_total == len(wire)
-    with pytest.raises(ValueError):
-        _ChunkedScanner().feed(b"zz\r\n")
+        assert i >= len(wire)
+        assert response.headers == [(b"transfer-encoding", b"Transfer-Encoding", b"chunked")]
+    # A response that runs on past its end, or a chunk size that is not plain hex, is refused.
+    for bad in (wire + b"HTTP/1.1 200 OK\r\n", b"0x5\r\naaaaa\r\n0\r\n\r\n", b"5\naaaaa\n"):
+        response = _Response()
+        response.feed(head)
+        with pytest.raises(ValueError):
+            response.feed(bad)
 
 
 def test_proxy_command_records_and_stops_on_sigterm(db_path: Path) -> None:

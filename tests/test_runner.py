@@ -399,6 +399,33 @@ async def test_poll_in_flight_at_stop_lands_its_batch(store: Store, clock: Clock
     assert c.closed == 1
 
 
+async def test_poll_still_in_flight_after_the_grace_is_cancelled(
+    store: Store, clock: Clock
+) -> None:
+    entered = asyncio.Event()
+    cancelled: list[bool] = []
+
+    class Stuck(FakeCollector):
+        async def poll(self, ctx: PollContext) -> Batch:
+            entered.set()
+            try:
+                await asyncio.Event().wait()  # never lands
+            except asyncio.CancelledError:
+                cancelled.append(True)
+                raise
+            raise AssertionError
+
+    c = Stuck(interval_s=3600)
+    r = runner(store, c, clock=clock, stop_grace_s=0.01)
+    task = asyncio.create_task(r.run())
+    await asyncio.wait_for(entered.wait(), timeout=2)
+    r.stop()
+    await asyncio.wait_for(task, timeout=2)  # a guard against hanging, not a timing check
+    assert cancelled == [True]
+    assert c.closed == 1
+    assert queries.totals(store, at(0), at(1)).requests == 0
+
+
 def test_source_names_must_be_unique(store: Store) -> None:
     with pytest.raises(ValueError, match="unique"):
         Runner(store, [FakeCollector(), FakeCollector()], PriceBook())

@@ -26,7 +26,7 @@ from tests.helpers import (
     usage_hour_rows,
 )
 from tokentop.store import queries
-from tokentop.store.db import Store, StoreError
+from tokentop.store.db import SERIES_COLUMNS, Store, StoreError
 from tokentop.store.records import (
     Batch,
     BilledCost,
@@ -64,11 +64,25 @@ def test_money_and_time_conversions_are_exact() -> None:
 
 def test_wal_mode_and_schema(store: Store) -> None:
     assert store.query("PRAGMA journal_mode")[0][0] == "wal"
-    assert store.get_meta("schema_version") == "2"
+    assert store.get_meta("schema_version") == "3"
     tables = {r[0] for r in store.query("SELECT name FROM sqlite_master WHERE type = 'table'")}
     assert {"series", "usage", "usage_hour", "usage_day", "billed", "gpu", "gpu_hour"} <= tables
     assert "inference" in tables
     assert {"inference_hour", "request", "source", "source_calls", "meta"} <= tables
+
+
+def test_schema_shape_and_connection_settings(store: Store) -> None:
+    # sqlite-utils makes the rowid tables; every other table stays clustered on its key.
+    rows = store.query("SELECT name, sql FROM sqlite_master WHERE type = 'table'")
+    rowid = {r["name"] for r in rows if not r["sql"].rstrip().endswith("WITHOUT ROWID")}
+    assert rowid == {"meta", "series", "source", "origin", "stream", "price"}
+    (unique,) = [r for r in store.query("PRAGMA index_list(series)") if r["unique"]]
+    columns = [r["name"] for r in store.query(f"PRAGMA index_info('{unique['name']}')")]
+    assert tuple(columns) == SERIES_COLUMNS
+    # Wrapping the connection in sqlite-utils left it as the store set it up.
+    assert store.conn.isolation_level is None and not store.conn.in_transaction
+    assert store.conn.row_factory is None
+    assert store.query("PRAGMA recursive_triggers")[0][0] == 0
 
 
 def test_same_batch_written_many_times_leaves_totals_unchanged(store: Store) -> None:
@@ -659,7 +673,7 @@ def test_version_1_file_is_migrated_by_a_writer_without_losing_anything(db_path:
     expected_totals = [fine_totals(shim, lo, hi) for lo, hi in windows]
     v1.close()
     with Store(db_path) as store:
-        assert store.get_meta("schema_version") == "2"
+        assert store.get_meta("schema_version") == "3"
         migrated = store.query(f"SELECT {_V1_COLUMNS} FROM {USAGE_FLAT}")
         assert sorted(tuple(r) for r in migrated) == rows
         assert store.query("SELECT COUNT(*) FROM usage")[0][0] == len(rows)

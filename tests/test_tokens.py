@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from typing import Any
 
 import pytest
@@ -43,7 +45,13 @@ def test_blocked_download_gives_an_estimate_without_network(
     assert c.tokens == 11
     assert c.method == "~4 characters per token; encoding o200k_base unavailable: OSError"
     assert fetched and all(url.startswith("https://") for url in fetched)
-    assert "o200k_base" not in tokens._cache
+    # Remembered: the next counts neither download again nor wait.
+    tries = len(fetched)
+    started = time.monotonic()
+    for _ in range(100):
+        assert count_tokens(TEXT, "gpt-4o") == c
+    assert len(fetched) == tries
+    assert time.monotonic() - started < 0.5
 
 
 class FakeEncoding:
@@ -91,3 +99,65 @@ def test_loaded_encoding_is_only_approximate_for_claude(fake_tiktoken: list[str]
 
 def test_unknown_non_openai_model_is_approximate(fake_tiktoken: list[str]) -> None:
     assert count_tokens(TEXT, "gemini-2.5-pro").approximate is True
+
+
+def test_failed_encoding_is_retried_in_the_background(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TOKENTOP_OFFLINE")
+    monkeypatch.setattr(tokens, "RETRY_S", 0.0)
+    online = threading.Event()
+
+    def get_encoding(name: str) -> FakeEncoding:
+        if not online.is_set():
+            raise OSError("offline")
+        return FakeEncoding(name)
+
+    monkeypatch.setattr(tiktoken, "get_encoding", get_encoding)
+    assert count_tokens(TEXT, "gpt-4o").approximate is True
+    online.set()
+    # The retry runs in the background: this count does not wait for it.
+    assert count_tokens(TEXT, "gpt-4o").approximate is True
+    tokens._cache["o200k_base"].done.wait(5)
+    assert count_tokens(TEXT, "gpt-4o") == tokens.TokenCount(9, False, "tiktoken o200k_base")
+
+
+def test_hung_load_is_waited_for_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TOKENTOP_OFFLINE")
+    release = threading.Event()
+
+    def get_encoding(name: str) -> FakeEncoding:
+        release.wait(10)
+        return FakeEncoding(name)
+
+    monkeypatch.setattr(tiktoken, "get_encoding", get_encoding)
+    started = time.monotonic()
+    with tokens.load_wait(0.2):
+        first = count_tokens(TEXT, "gpt-4o")
+    assert (
+        first.method
+        == "~4 characters per token; encoding o200k_base unavailable: timed out after 0.2 s"
+    )
+    assert 0.15 < time.monotonic() - started < 2
+    started = time.monotonic()
+    assert count_tokens(TEXT, "gpt-4o").approximate is True  # no second wait
+    assert time.monotonic() - started < 0.1
+    release.set()
+    tokens._cache["o200k_base"].done.wait(5)
+    assert count_tokens(TEXT, "gpt-4o").approximate is False  # the late load is used
+
+
+def test_wait_for_a_load_can_be_cancelled(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TOKENTOP_OFFLINE")
+    release = threading.Event()
+    cancel = threading.Event()
+
+    def get_encoding(name: str) -> FakeEncoding:
+        release.wait(10)
+        return FakeEncoding(name)
+
+    monkeypatch.setattr(tiktoken, "get_encoding", get_encoding)
+    threading.Timer(0.1, cancel.set).start()
+    started = time.monotonic()
+    with tokens.load_wait(30, cancel):
+        assert count_tokens(TEXT, "gpt-4o").method.endswith("unavailable: still loading")
+    assert time.monotonic() - started < 2
+    release.set()

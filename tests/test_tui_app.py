@@ -169,7 +169,7 @@ async def test_g_cycles_the_grouping(tmp_path: Path) -> None:
         await settle(pilot)
         assert app.group == "project"
         assert set(cost_keys(app)) == {"checkout", "support", "research"}
-        assert str(pane.table.columns[pane.table.ordered_columns[0].key].label) == "Project"
+        assert pane.table.columns[0].label == "Project"
         await pilot.press("g")
         await settle(pilot)
         assert app.group == "api_key"
@@ -224,49 +224,72 @@ async def test_every_action_is_in_the_command_palette(tmp_path: Path) -> None:
     app = make_app(tmp_path)
     async with app.run_test(size=SIZE) as pilot:
         await settle(pilot)
-        titles = {c.title for c in app.get_system_commands(app.screen)}
+        commands = list(app.get_system_commands(app.screen))
+        titles = [c.title for c in commands]
         for title in (
-            "Window: 15m",
-            "Window: 30d",
-            "Cycle window",
-            "Filter",
-            "Cycle grouping",
-            "Pause / resume",
-            "Export snapshot",
-            "Zoom pane",
-            "Help: keys",
-            "Quit",
+            "Window: 15m (1)",
+            "Window: 30d (6)",
+            "Cycle window (w)",
+            "Filter (/)",
+            "Cycle grouping (g)",
+            "Sort (s)",
+            "Pause / resume (p)",
+            "Export snapshot (e)",
+            "Zoom pane (z)",
+            "Next pane (tab)",
+            "Back (esc)",
+            "Help: keys (?)",
+            "Quit (q)",
+            "Theme",
         ):
             assert title in titles
+        # Each action once: Textual's own Keys, Screenshot, Maximize and Quit are replaced.
+        names = [t.split(" (")[0] for t in titles]
+        assert len(names) == len(set(names))
+        assert not {"Keys", "Screenshot", "Maximize", "Minimize"} & set(names)
         bindings = {b.id: b for b in app.BINDINGS if hasattr(b, "id")}  # type: ignore[union-attr]
         assert all(bindings.values()) and "export" in bindings
 
 
-async def test_zoom_shows_one_pane_and_skips_the_others_queries(tmp_path: Path) -> None:
+async def test_zoom_shows_the_focused_pane_and_skips_the_others_queries(tmp_path: Path) -> None:
     app = make_app(tmp_path)
     async with app.run_test(size=SIZE) as pilot:
         await settle(pilot)
-        await pilot.press("z", "z")
+        assert app.active == "cost"  # the table has the focus at start
+        await pilot.press("z")
         await settle(pilot)
         assert app.zoomed == "cost"
+        app.refresh_tick()  # the next refresh queries the zoomed pane only
+        await settle(pilot)
         assert app.snapshot is not None and app.snapshot.request.panes == {"cost"}
         assert not app.query_one("#spend").display
         assert app.snapshot.spend is None  # not queried
-        await pilot.press("z", "z", "z", "z")
+        # The zoomed pane has the whole width: no column is left out, no name cut.
+        cost = app.query_one(CostPerQueryPane)
+        assert cost.region.width == SIZE[0]
+        assert cost.fitted is not None and not cost.fitted.dropped
+        await pilot.press("z")
         await settle(pilot)
         assert app.zoomed == ""
         assert app.snapshot.request.panes == frozenset(PANES)
 
 
-async def test_small_terminal_hides_model_mix_and_skips_its_queries(tmp_path: Path) -> None:
+async def test_medium_terminal_shows_the_other_panes_as_tabs(tmp_path: Path) -> None:
     app = make_app(tmp_path)
     async with app.run_test(size=(100, 30)) as pilot:
         await settle(pilot)
-        assert app.screen.has_class("-short", "-narrow")
-        assert not app.query_one("#mix").display
-        assert app.snapshot is not None and "mix" not in app.snapshot.request.panes
-        assert app.snapshot.mix == ()
-        assert app.query_one("#spend").region.height == 20  # both rows above Sources
+        assert app.layout == "medium"
+        assert app.visible_panes() == {"spend", "cost", "mix"}
+        bar = str(app.query_one("#pane-bar", Static).render())
+        for title in ("Spend", "Cost per query", "Model mix", "GPU", "Sources"):
+            assert title in bar
+        assert app.snapshot is not None and "gpu" not in app.snapshot.request.panes
+        await pilot.press("tab", "tab")  # cost -> mix -> gpu: GPU takes Model mix's place
+        await settle(pilot)
+        assert app.active == "gpu"
+        assert app.visible_panes() == {"spend", "cost", "gpu"}
+        assert "gpu" in app.snapshot.request.panes
+        assert "NVIDIA H100" in text_of(app, "#gpu-lines")
 
 
 async def test_budget_bar_and_runway(tmp_path: Path) -> None:

@@ -52,7 +52,8 @@ class _SlowCollector:
 async def test_spend_pane_says_loading_before_the_first_poll(tmp_path: Path) -> None:
     db = tmp_path / "t.db"
     store = Store(db)
-    runner = Runner(store, [_SlowCollector()], PriceBook(), clock=frozen_clock)
+    # The poll never lands: at quit the runner cancels it after a short grace, not 5 s.
+    runner = Runner(store, [_SlowCollector()], PriceBook(), clock=frozen_clock, stop_grace_s=0.05)
     app = TokentopApp(db, runner=runner, clock=frozen_clock, refresh_s=3600)
     async with app.run_test(size=(160, 48)) as pilot:
         await pilot.pause()

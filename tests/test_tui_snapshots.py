@@ -1,4 +1,7 @@
-"""Screenshots of the whole screen: two sizes, dark and light, data injected, clock frozen.
+"""Screenshots of the whole screen at every layout, dark and light, data injected, clock frozen.
+
+80x24 is the compact layout (one pane, the others named in the pane bar), 100x30 the medium one
+(Spend, Cost per query and one of the other three), 160x48 and 240x70 the large one.
 
 Update with ``pytest tests/test_tui_snapshots.py --snapshot-update`` only after looking at the
 new SVGs.
@@ -36,6 +39,10 @@ def steady_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
         pytest.param((160, 48), "textual-light", True, False, id="160x48-light-budget-nogpu"),
         pytest.param((100, 30), "textual-dark", True, True, id="100x30-dark-budget"),
         pytest.param((100, 30), "textual-light", False, True, id="100x30-light"),
+        pytest.param((80, 24), "textual-dark", True, True, id="80x24-dark-budget"),
+        pytest.param((80, 24), "textual-light", False, True, id="80x24-light"),
+        pytest.param((240, 70), "textual-dark", False, True, id="240x70-dark"),
+        pytest.param((240, 70), "textual-light", True, False, id="240x70-light-budget-nogpu"),
     ],
 )
 def test_screen(
@@ -54,6 +61,9 @@ def test_screen(
         pilot.app.theme = theme
         await pilot.pause()
         await pilot.app.workers.wait_for_complete()
-        await pilot.pause()
+        # Panes lay their text out for their size once they have one: a pass or two of
+        # layout after the data arrives (each pause runs one).
+        for _ in range(3):
+            await pilot.pause()
 
     assert snap_compare(app, terminal_size=size, run_before=run_before)

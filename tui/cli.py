@@ -6,7 +6,6 @@ Exit codes: 0 ok, 1 runtime failure, 2 usage or configuration error (one line na
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import re
@@ -22,7 +21,7 @@ from typing import Any, NoReturn
 from tokentop import __version__
 from tokentop.collectors.base import utcnow
 from tokentop.collectors.config import Config, ConfigError, default_db_path, load_config
-from tokentop.pricing.book import PriceBook, TokenCounts
+from tokentop.pricing.book import PriceBook, PriceTier, TokenCounts
 from tokentop.store.records import usd_to_nano
 from tokentop.store.text import clean
 
@@ -114,7 +113,57 @@ def _common(suppress: bool) -> argparse.ArgumentParser:
         "--demo", action="store_true", help="use simulated traffic (no keys)", **extra
     )
     common.add_argument("-v", "--verbose", action="store_true", help="log to stderr", **extra)
+    from tokentop.tui import cli_prometheus
+
+    cli_prometheus.add_prometheus_option(common, **extra)
     return common
+
+
+def _export_formats(value: str) -> tuple[str, ...]:
+    formats = tuple(dict.fromkeys(f.strip().lower() for f in value.split(",") if f.strip()))
+    bad = [f for f in formats if f not in ("json", "csv", "md")]
+    if bad or not formats:
+        raise argparse.ArgumentTypeError(f"{value!r}: use json, csv or md, comma-separated")
+    return formats
+
+
+def _sort(value: str) -> tuple[str, bool]:
+    from tokentop.store.view import parse_sort
+
+    try:
+        return parse_sort(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _view_options(parser: argparse.ArgumentParser) -> None:
+    """The view of the TUI, for ``report`` and ``export``: the same rows as the screen."""
+    from tokentop.store.queries import GROUPS
+
+    parser.add_argument(
+        "--until", metavar="ISO", help="window end, an ISO timestamp (default: now)"
+    )
+    parser.add_argument(
+        "--filter",
+        default="",
+        metavar="TEXT",
+        help="as the TUI's /: substrings of provider, model, project, tag or key, and"
+        " model:NAME, project:NAME, tag:NAME, key:NAME, provider:NAME for exact values",
+    )
+    parser.add_argument(
+        "--group-by",
+        default="model",
+        choices=GROUPS,
+        help="the group table's rows (default model)",
+    )
+    parser.add_argument(
+        "--sort",
+        type=_sort,
+        default=None,
+        metavar="COLUMN[:asc|desc]",
+        help="order of the group table: name, per_request, change, requests, cost, in, out,"
+        " cache (default cost:desc)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -133,6 +182,24 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["15m", "1h", "6h", "24h", "7d", "30d"],
         help="initial time window of the TUI",
     )
+    parser.add_argument(
+        "--watch-only",
+        action="store_true",
+        help="only view: never collect, not even when the collector being watched stops",
+    )
+    parser.add_argument(
+        "--export-dir",
+        type=Path,
+        metavar="DIR",
+        help="where `e` writes snapshots (default: the user data folder's snapshots/)",
+    )
+    parser.add_argument(
+        "--export-format",
+        type=_export_formats,
+        default=("json",),
+        metavar="FORMATS",
+        help="what `e` writes beside the SVG: json, csv, md, comma-separated (default json)",
+    )
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
 
     collect = sub.add_parser("collect", parents=[common], help="run the collectors headless")
@@ -143,13 +210,18 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="S",
         help="poll interval for GPU, inference and demo sources",
     )
+    from tokentop.tui import cli_prometheus
+
+    cli_prometheus.add_metrics_options(collect)
 
     report = sub.add_parser("report", parents=[common], help="summarise a time window")
     report.add_argument("--since", default="1h", help="15m, 1h, 7d or an ISO timestamp")
+    _view_options(report)
     report.add_argument("--json", action="store_true", help="machine-readable output")
 
     export = sub.add_parser("export", parents=[common], help="write a snapshot of a window")
     export.add_argument("--since", default="2h", help="15m, 1h, 7d or an ISO timestamp")
+    _view_options(export)
     export.add_argument("--format", required=True, help="json, csv, md or svg")
     export.add_argument("-o", "--output", type=Path, help="file to write (default: stdout)")
 
@@ -164,14 +236,25 @@ def build_parser() -> argparse.ArgumentParser:
     price.add_argument("--input-file", type=Path, help="count the input tokens of this file")
     price.add_argument("--provider", default="", help="openai, anthropic, ...")
     price.add_argument("--at", type=_at, help="price in force at this date (default: now)")
+    price.add_argument(
+        "--batch", action="store_true", help="served by the Batch API / Message Batches"
+    )
+    price.add_argument(
+        "--service-tier",
+        default="",
+        metavar="TIER",
+        help="the tier that served it: default, priority, flex, ... (unknown: list, flagged)",
+    )
     price.add_argument("--json", action="store_true")
 
     sources = sub.add_parser("sources", parents=[common], help="configured sources and health")
     sources.add_argument("--json", action="store_true")
 
-    from tokentop.tui import cli_meter
+    from tokentop.tui import cli_alerts, cli_db, cli_meter
 
     cli_meter.add_commands(sub, common)
+    cli_alerts.add_commands(sub, common)
+    cli_db.add_commands(sub, common)
     return parser
 
 
@@ -199,7 +282,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             level=logging.INFO if args.verbose else logging.CRITICAL, handlers=[handler]
         )
         ctx = _context(args)
-        from tokentop.tui import cli_meter
+        from tokentop.tui import cli_alerts, cli_db, cli_meter
 
         command = args.command or "tui"
         handler = {
@@ -210,9 +293,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             "price": _price,
             "sources": _sources,
             **cli_meter.HANDLERS,
+            **cli_alerts.HANDLERS,
+            **cli_db.HANDLERS,
         }[command]
         return handler(ctx)
     except (UsageError, ConfigError) as exc:
+        from tokentop.tui import cli_alerts
+
+        if cli_alerts.is_check(argv):  # the monitoring-plugin convention: UNKNOWN, exit 3
+            return cli_alerts.check_usage_error(exc)
         print(f"tokentop: error: {clean(exc)}", file=sys.stderr)
         return USAGE_ERROR
     except KeyboardInterrupt:
@@ -232,22 +321,34 @@ def _open_store(ctx: _Context, *, must_exist: bool) -> Any:
 
 
 def _tui(ctx: _Context) -> int:
-    from tokentop.collectors.runner import Runner, active_collector
+    from tokentop.collectors.runner import Runner, acquire_collector
     from tokentop.collectors.sources import build_sources
+    from tokentop.tui import cli_alerts, cli_db, cli_prometheus
     from tokentop.tui.app import TokentopApp
 
+    if cli_prometheus.prometheus_url(ctx):
+        return cli_prometheus.tui(ctx)
     store = _open_store(ctx, must_exist=False)
     label = ctx.label or (store.get_meta("label") or "")
-    runner = None
-    note = ""
-    other = active_collector(store, utcnow())
-    if other is not None:
-        # Another process (``tokentop collect`` or another TUI) fills this database: watch it
-        # rather than poll the same APIs twice.
-        note = f"watching collector pid {other}"
-    else:
+    watch_only = bool(ctx.args.watch_only)
+
+    def make_runner() -> Runner:
+        # A viewer that collects hands over to a ``tokentop collect`` that asks (role "tui").
         collectors = build_sources(ctx.config, demo=ctx.args.demo)
-        runner = Runner(store, collectors, PriceBook(ctx.config.pricing))
+        alerts = cli_alerts.alert_tasks(ctx.config, store, collectors, ctx.args.demo)
+        alerts += cli_db.periodic_tasks(ctx.config, store)  # retention: compaction
+        return Runner(store, collectors, PriceBook(ctx.config.pricing), role="tui", periodic=alerts)
+
+    runner = None
+    if not watch_only:
+        runner = make_runner()
+        if runner.collectors and acquire_collector(store, utcnow(), role="tui") is not None:
+            # Another process (``tokentop collect`` or another TUI) fills this database: watch
+            # it rather than poll the same APIs twice (and take over if it stops).
+            import asyncio
+
+            asyncio.run(runner.aclose())
+            runner = None
     app = TokentopApp(
         ctx.db_path,
         config=ctx.config,
@@ -255,7 +356,10 @@ def _tui(ctx: _Context) -> int:
         label=label,
         refresh_s=ctx.config.refresh_s,
         start_window=ctx.args.window,
-        note=note,
+        export_dir=ctx.args.export_dir,
+        export_formats=ctx.args.export_format,
+        collector_factory=None if watch_only else make_runner,
+        watch_only=watch_only,
     )
     try:
         app.run()
@@ -264,27 +368,36 @@ def _tui(ctx: _Context) -> int:
     return app.return_code or 0
 
 
-def _collect(ctx: _Context) -> int:
-    from tokentop.collectors.runner import Runner, active_collector
-    from tokentop.collectors.sources import build_sources, optional_sources
+NO_SOURCES = (
+    "no sources configured: set OPENAI_ADMIN_KEY or ANTHROPIC_ADMIN_KEY, add [[inference]] to"
+    " the config, meter requests through `tokentop proxy`, or try --demo"
+)
+"""What to do when there is nothing to collect (one line)."""
 
-    store = _open_store(ctx, must_exist=False)
-    other = active_collector(store, utcnow())
-    if other is not None and not ctx.args.once:
-        store.close()
-        print(
-            f"tokentop: error: another collector (pid {other}) is already writing "
-            f"{ctx.db_path}; stop it first",
-            file=sys.stderr,
-        )
-        return FAILURE
+
+def _collect(ctx: _Context) -> int:
+    from tokentop.collectors.runner import Runner
+    from tokentop.collectors.sources import build_sources, optional_sources
+    from tokentop.tui import cli_alerts, cli_db
+
     collectors = build_sources(ctx.config, demo=ctx.args.demo, interval_s=ctx.args.interval)
     optional = optional_sources(ctx.config, ctx.args.demo)
     if not collectors:
-        raise UsageError(
-            "no sources configured: set OPENAI_ADMIN_KEY or ANTHROPIC_ADMIN_KEY, "
-            "add [[inference]] to the config, or use --demo"
-        )
+        print(f"tokentop: error: {NO_SOURCES}", file=sys.stderr)
+        return FAILURE
+    # The price book loads before the lock is taken: the first heartbeat follows soon after.
+    book = PriceBook(ctx.config.pricing)
+    store = _open_store(ctx, must_exist=False)
+    if not ctx.args.once:
+        other = _lock_for_collect(store, ctx.db_path)
+        if other is not None:
+            store.close()
+            print(
+                f"tokentop: error: another collector (pid {other}) is already writing "
+                f"{ctx.db_path}; stop it first",
+                file=sys.stderr,
+            )
+            return FAILURE
     show_progress = sys.stderr.isatty()
 
     def progress(name: str, fraction: float) -> None:
@@ -293,29 +406,91 @@ def _collect(ctx: _Context) -> int:
             end = "\n" if fraction >= 1 else ""
             print(f"\r{name:>12} backfill [{bar:<30}] {fraction:4.0%}", end=end, file=sys.stderr)
 
-    runner = Runner(store, collectors, PriceBook(ctx.config.pricing), on_progress=progress)
+    alerts = cli_alerts.alert_tasks(ctx.config, store, collectors, ctx.args.demo)
+    alerts += cli_db.periodic_tasks(ctx.config, store)  # retention: compaction
+    runner = Runner(store, collectors, book, on_progress=progress, periodic=alerts)
+    from tokentop.tui import cli_prometheus
+
+    metrics = None
     try:
+        metrics = cli_prometheus.start_metrics(ctx)
         if ctx.args.once:
+            import asyncio
+
             results = asyncio.run(runner.run_once_and_close())
             from tokentop.store import queries
 
             health = {h.name: h for h in queries.sources(store, utcnow())}
             failed = False
+            absent = 0
             for name, ok in results.items():
                 h = health.get(name)
                 status = "ok" if ok else f"{h.state if h else 'error'}: {h.last_error if h else ''}"
                 print(f"{clean(name)}: {clean(status)}", file=sys.stderr)
                 # A GPU source tried on the off chance is no failure on a machine without GPUs.
                 merely_absent = name in optional and h is not None and h.state == "unavailable"
+                absent += merely_absent
                 failed = failed or not (ok or merely_absent)
+            if absent == len(results):
+                # Only the GPU was tried, and there is none: nothing at all is configured.
+                print(f"tokentop: error: {NO_SOURCES}", file=sys.stderr)
+                return FAILURE
             return FAILURE if failed else 0
+        import asyncio
+
         asyncio.run(_run_until_signal(runner))
+        if runner.lost_to is not None:
+            print(
+                f"tokentop: error: collector pid {runner.lost_to.pid} took {ctx.db_path} over;"
+                " stopped collecting",
+                file=sys.stderr,
+            )
+            return FAILURE
         return 0
     finally:
+        if metrics is not None:
+            metrics.close()
         store.close()
 
 
+def _lock_for_collect(store: Any, db_path: Path) -> int | None:
+    """Take the file's collector lock; ``None`` once held, else the pid that keeps it.
+
+    A headless collector that holds it keeps it. A viewer that collects (role ``tui``) is asked
+    to hand over, and this waits (at most :data:`HANDOVER_WAIT_S`) until its last poll has landed
+    and it has let go: never two writers.
+    """
+    import time
+
+    from tokentop.collectors.runner import (
+        HANDOVER_WAIT_S,
+        acquire_collector,
+        clear_handover,
+        request_handover,
+    )
+
+    other = acquire_collector(store, utcnow())
+    if other is None or other.role != "tui":
+        return None if other is None else other.pid
+    print(
+        f"tokentop: taking over collection from the viewer (pid {other.pid}) that collects into"
+        f" {db_path}",
+        file=sys.stderr,
+    )
+    request_handover(store, utcnow())
+    try:
+        deadline = time.monotonic() + HANDOVER_WAIT_S
+        while other is not None and other.role == "tui" and time.monotonic() < deadline:
+            time.sleep(0.25)
+            other = acquire_collector(store, utcnow())
+    finally:
+        clear_handover(store)
+    return None if other is None else other.pid
+
+
 async def _run_until_signal(runner: Any) -> None:
+    import asyncio
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, runner.stop)
@@ -324,7 +499,26 @@ async def _run_until_signal(runner: Any) -> None:
 
 def _window(ctx: _Context, since: str) -> tuple[datetime, datetime, datetime]:
     now = utcnow()
-    return parse_since(since, now), now + timedelta(seconds=1), now
+    start = parse_since(since, now)
+    until = getattr(ctx.args, "until", None)
+    if not until:
+        return start, now + timedelta(seconds=1), now
+    try:
+        end = datetime.fromisoformat(until.strip())
+    except ValueError:
+        raise UsageError(f"--until: cannot read {until!r} (use an ISO timestamp)") from None
+    end = (end if end.tzinfo else end.replace(tzinfo=UTC)).astimezone(UTC)
+    if end <= start:
+        raise UsageError(f"--until: {until!r} is not after --since {since!r}")
+    return start, end, now
+
+
+def _no_view_over_prometheus(ctx: _Context) -> None:
+    args = ctx.args
+    if args.filter or args.group_by != "model" or args.sort or args.until:
+        raise UsageError(
+            "--filter, --group-by, --sort and --until read the database; not with --prometheus"
+        )
 
 
 def _build_report(ctx: _Context, since: str) -> dict[str, Any]:
@@ -345,7 +539,17 @@ def _build_report(ctx: _Context, since: str) -> dict[str, Any]:
             for r in ctx.config.gpu_rates
         ]
         return build_report(
-            store, start, end, now, PriceBook(ctx.config.pricing).describe(), label, rates
+            store,
+            start,
+            end,
+            now,
+            PriceBook(ctx.config.pricing).describe(),
+            label,
+            rates,
+            text=ctx.args.filter,
+            group=ctx.args.group_by,
+            sort=ctx.args.sort,
+            window=since if not ctx.args.until else "",
         )
     finally:
         store.close()
@@ -353,7 +557,11 @@ def _build_report(ctx: _Context, since: str) -> dict[str, Any]:
 
 def _report(ctx: _Context) -> int:
     from tokentop.store.report import render
+    from tokentop.tui import cli_prometheus
 
+    if cli_prometheus.prometheus_url(ctx):
+        _no_view_over_prometheus(ctx)
+        return cli_prometheus.report(ctx)
     report = _build_report(ctx, ctx.args.since)
     sys.stdout.write(render(report, "json" if ctx.args.json else "md"))
     return 0
@@ -361,7 +569,11 @@ def _report(ctx: _Context) -> int:
 
 def _export(ctx: _Context) -> int:
     from tokentop.store.report import FORMATS, render
+    from tokentop.tui import cli_prometheus
 
+    if cli_prometheus.prometheus_url(ctx):
+        _no_view_over_prometheus(ctx)
+        return cli_prometheus.export(ctx)
     fmt = ctx.args.format.lower()
     if fmt not in (*FORMATS, "svg"):
         raise UsageError(f"--format: unknown format {ctx.args.format!r} (use json, csv, md or svg)")
@@ -380,12 +592,22 @@ def _export(ctx: _Context) -> int:
 def _export_svg(ctx: _Context) -> str:
     from tokentop.tui.app import TokentopApp
 
-    start, _end, now = _window(ctx, ctx.args.since)
+    start, end, now = _window(ctx, ctx.args.since)
     store = _open_store(ctx, must_exist=True)
     label = store.get_meta("label") or ctx.label
     store.close()
-    span = now - start
-    app = TokentopApp(ctx.db_path, config=ctx.config, label=label, window_span=span)
+    until = end if ctx.args.until else now
+    app = TokentopApp(
+        ctx.db_path,
+        config=ctx.config,
+        label=label,
+        window_span=until - start,
+        clock=lambda: until,
+    )
+    app.filter_text = ctx.args.filter
+    app.group = ctx.args.group_by
+    if ctx.args.sort:
+        app.sort = ctx.args.sort
     return str(app.render_svg(size=(160, 48)))
 
 
@@ -419,7 +641,8 @@ def _price(ctx: _Context) -> int:
         cache_write_5m=args.cache_write,
         output=args.output,
     )
-    quote = book.quote(args.provider, args.model, tokens, at)
+    tier = PriceTier(service_tier=args.service_tier, batch=args.batch)
+    quote = book.quote(args.provider, args.model, tokens, at, tier)
     approximate = counted is not None and counted.approximate
     result: dict[str, Any] = {
         "model": args.model,
@@ -435,6 +658,10 @@ def _price(ctx: _Context) -> int:
         "breakdown_usd": {k: _exact(v) for k, v in quote.breakdown.items()},
         "rates_usd_per_mtok": {k: _exact(v) for k, v in quote.rates.items() if k != "web_searches"},
         "price_ref": quote.price_ref,
+        "tier": quote.tier or "standard",
+        "tier_priced_by": quote.tier_source or ("list" if quote.priced else None),
+        "tier_rule": quote.rule or None,
+        "flagged": quote.flag or None,
         "approximate": approximate,
         "token_count_method": counted.method if counted else "given",
         "prices": book.describe(),
@@ -467,10 +694,15 @@ def _exact(value: Decimal | None) -> float | None:
 
 
 def _sources(ctx: _Context) -> int:
-    from tokentop.collectors.sources import build_sources
+    """List the sources; exit 1 when a configured one is failing, stale or never polled."""
+    from tokentop.collectors.sources import build_sources, optional_sources
     from tokentop.store import queries
     from tokentop.store.db import Store
+    from tokentop.store.records import HEARTBEAT_KINDS
+    from tokentop.tui import cli_prometheus
 
+    if cli_prometheus.prometheus_url(ctx):
+        return cli_prometheus.sources(ctx)
     now = utcnow()
     configured = [(c.name, c.kind) for c in build_sources(ctx.config, demo=ctx.args.demo)]
     health = {}
@@ -480,17 +712,30 @@ def _sources(ctx: _Context) -> int:
             health = {h.name: h for h in queries.sources(store, now)}
         finally:
             store.close()
+    optional = optional_sources(ctx.config, ctx.args.demo)
+    failing = False
+    stale_notes: dict[str, str] = {}
     rows = []
     for name, kind in configured + [
         (n, h.kind) for n, h in health.items() if n not in dict(configured)
     ]:
         h = health.get(name)
+        if name in dict(configured):
+            # A GPU tried on the off chance is no failure on a machine without one.
+            absent = name in optional and (h is None or h.state == "unavailable")
+            failing = failing or (not absent and (h is None or h.failing(now)))
+        if h is not None and h.stale(now):
+            silent = "heartbeat" if h.kind in HEARTBEAT_KINDS else "successful poll"
+            stale_notes[name] = (
+                f"no {silent} for {_age(h.age_s(now) or 0)}"
+                f" (stale after {_age(h.stale_after_s or 0)})"
+            )
         rows.append(
             {
                 "name": name,
                 "kind": kind,
                 "configured": name in dict(configured),
-                "state": h.state if h else "never polled",
+                "state": h.shown_state(now) if h else "never polled",
                 "last_success": h.last_success.isoformat() if h and h.last_success else None,
                 "age_s": round((now - h.last_success).total_seconds(), 1)
                 if h and h.last_success
@@ -504,7 +749,7 @@ def _sources(ctx: _Context) -> int:
         )
     if ctx.args.json:
         print(json.dumps({"database": str(ctx.db_path), "sources": rows}, indent=2))
-        return 0
+        return FAILURE if failing else 0
     if not rows:
         print("no sources configured (set OPENAI_ADMIN_KEY / ANTHROPIC_ADMIN_KEY, or use --demo)")
         return 0
@@ -517,9 +762,10 @@ def _sources(ctx: _Context) -> int:
         lag = "" if r["lag_s"] is None else _age(r["lag_s"])
         print(
             f"{clean(r['name']):<14} {clean(r['kind']):<10} {clean(r['state']):<13} {age:<14}"
-            f" {lag:>8} {r['calls_last_hour']:>7}  {clean(r['last_error'])}"
+            f" {lag:>8} {r['calls_last_hour']:>7}"
+            f"  {clean(stale_notes.get(str(r['name'])) or str(r['last_error']))}"
         )
-    return 0
+    return FAILURE if failing else 0
 
 
 def _age(seconds: float) -> str:

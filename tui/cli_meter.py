@@ -73,6 +73,9 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
         help="Anthropic base",
     )
     proxy.add_argument("--tag", default="", help="tag of requests without X-Tokentop-Tag")
+    from tokentop.tui import cli_prometheus
+
+    cli_prometheus.add_metrics_options(proxy)
 
     session = sub.add_parser(
         "session", parents=[common], help="named windows of metered requests, and their diff"
@@ -115,6 +118,7 @@ def _usage_error(message: str) -> Exception:
 def _proxy(ctx: Any) -> int:
     from tokentop.collectors.meter import Recorder
     from tokentop.collectors.proxy import MeteringProxy, ProxyConfig, serve
+    from tokentop.collectors.runner import HEARTBEAT_S
     from tokentop.pricing.book import PriceBook
 
     args = ctx.args
@@ -130,11 +134,14 @@ def _proxy(ctx: Any) -> int:
     except ValueError as exc:
         flag = "--upstream-openai" if args.upstream_openai in str(exc) else "--upstream-anthropic"
         raise _usage_error(f"{flag}: {exc}") from None
+    _check_writable(ctx.db_path)
     recorder = Recorder(
         ctx.db_path,
         PriceBook(ctx.config.pricing),
         health_name="proxy",
         detail=f"{config.host}:{config.port} -> {proxy.openai.url}, {proxy.anthropic.url}",
+        # Its own heartbeat: a killed proxy shows as stopped, not "ok, listening" forever.
+        heartbeat_s=HEARTBEAT_S,
     )
     proxy.sink = recorder
 
@@ -164,19 +171,41 @@ def _proxy(ctx: Any) -> int:
             loop.add_signal_handler(sig, stop.set)
         await serve(proxy, stop, ready)
 
+    from tokentop.tui import cli_prometheus
+
+    metrics = None
     try:
+        metrics = cli_prometheus.start_metrics(ctx)
         asyncio.run(main())
     except OSError as exc:
         raise _usage_error(
             f"--port: cannot listen on {config.host}:{config.port}: {exc.strerror or exc}"
         ) from None
     finally:
-        recorder.close()
-    print(
-        f"tokentop proxy stopped: {proxy.requests} requests, {recorder.written} recorded",
-        file=sys.stderr,
-    )
+        if metrics is not None:
+            metrics.close()
+        # Everything queued is written before exit (estimates no longer wait for a tokenizer).
+        recorder.close(timeout=120)
+    summary = f"tokentop proxy stopped: {proxy.requests} requests, {recorder.written} recorded"
+    if recorder.imported:
+        summary += f" (and {recorder.imported} left by an earlier run)"
+    if recorder.spilled:
+        summary += f"; {recorder.spilled} kept in {recorder.spill_path} for the next start"
+    if recorder.dropped:
+        summary += f"; {recorder.dropped} lost: {recorder.last_error}"
+    print(summary, file=sys.stderr)
     return 0
+
+
+def _check_writable(db_path: Any) -> None:
+    """Refuse to start a recorder on a database it cannot write (one line, exit 2)."""
+    from tokentop.store.db import Store
+
+    try:
+        Store(db_path).close()  # creates or migrates the file: a write
+    except Exception as exc:
+        why = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+        raise _usage_error(f"--db: cannot write {db_path}: {why}") from None
 
 
 # Sessions.

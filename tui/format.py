@@ -180,3 +180,15 @@ def bar(fraction: float | None, width: int) -> str:
     if part and full < width:
         text += _BLOCKS[part]
     return text.ljust(width)
+
+
+def fit(text: str, width: int) -> str:
+    """``text`` cut to ``width`` terminal cells, ending in ``…`` when cut (wide characters count
+    two cells)."""
+    from rich.cells import cell_len, set_cell_size
+
+    if width <= 0:
+        return ""
+    if cell_len(text) <= width:
+        return text
+    return set_cell_size(text, width - 1) + "…"

@@ -14,13 +14,19 @@ class SnapshotReady(Message):
     older one still waiting in the queue, so a slow UI never works through a backlog.
     """
 
-    def __init__(self, snapshot: Snapshot) -> None:
+    def __init__(self, snapshot: Snapshot, for_export: dict[str, str] | None = None) -> None:
         super().__init__()
         self.snapshot = snapshot
+        self.for_export = for_export
+        """For an export: the report texts by format, to write beside the SVG of this snapshot."""
 
     def can_replace(self, message: Message) -> bool:
-        """Merge floods: only the newest snapshot matters."""
-        return isinstance(message, SnapshotReady)
+        """Merge floods: only the newest snapshot matters (an export's is never dropped)."""
+        return (
+            isinstance(message, SnapshotReady)
+            and message.for_export is None
+            and self.for_export is None
+        )
 
 
 class SnapshotExported(Message):

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
 
+from tokentop.collectors.runner import Holder, read_holder
 from tokentop.store import queries, request_queries
 from tokentop.store.db import Store
 from tokentop.store.queries import (
@@ -18,6 +19,7 @@ from tokentop.store.queries import (
     GpuOverview,
     MixRow,
     ProviderDay,
+    Resolution,
     SpendSummary,
     Totals,
 )
@@ -51,6 +53,28 @@ PANES: tuple[str, ...] = ("spend", "cost", "mix", "gpu", "sources")
 
 GPU_KINDS = frozenset({"nvml", "gpu", "dcgm"})
 """Source kinds that report GPUs (used to explain an empty GPU pane)."""
+SELF_HOSTED_KINDS = GPU_KINDS | {"prometheus", "demo"}
+"""Kinds of source whose data the GPU pane shows (the demo simulates GPUs too)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Feed:
+    """How fresh the sources behind a pane are.
+
+    A pane is fed while any of its sources still succeeds within its own staleness limit, so
+    ``fed_at`` and ``stale_after`` come from the source that stays fresh longest. Without any
+    source health (a file written by something else) both are ``None`` and the age of the data
+    decides. ``stopped`` overrides everything: the collector that fed the screen has stopped.
+    """
+
+    newest: datetime | None = None
+    """The newest data point behind the pane."""
+    fed_at: datetime | None = None
+    """The last successful poll (or heartbeat) of the freshest source."""
+    stale_after: float | None = None
+    """That source's staleness limit in seconds."""
+    stopped: str = ""
+    """Why the whole feed is known dead (``collector pid 123 stopped``), or ``""``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +94,9 @@ class RefreshRequest:
     budget_daily: Decimal | None = None
     budget_monthly: Decimal | None = None
     chart_points: int = 120
+    top_n: int = 0
+    """Rows the Cost per query and Model mix tables have room for (from their height): at most
+    that many groups and an "others" row that sums the rest; 0 lists every group."""
     expected: tuple[tuple[str, str], ...] = ()
     """(name, kind) of the sources this process runs, so a pane can say it is still loading."""
 
@@ -123,6 +150,15 @@ class Snapshot:
     """Non-empty while a spend source is still loading or backfilling (what to say instead of
     the data's age): the usage panes show it so a partial history is not taken as the whole."""
     newest_usage: datetime | None = None
+    holder: Holder | None = None
+    """The process that holds the collector lock, as its last heartbeat says."""
+    holder_alive: bool = False
+    """Whether that process is still collecting (heartbeat fresh, pid present on this host)."""
+    feed_stopped: str = ""
+    """Set by the app: the collector it watched stopped, so every figure is stale."""
+    resolution: Resolution = field(default_factory=Resolution)
+    """The finest data behind the window: where it reaches past the one-minute data kept
+    (retention), its start is exact to the hour or day, and ``resolution.note`` says so."""
     elapsed_s: float = 0.0
     """Wall time the queries took."""
 
@@ -134,6 +170,23 @@ class Snapshot:
     def gpu_source(self) -> SourceHealth | None:
         """The first source that reports GPUs, if any is known."""
         return next((s for s in self.sources if s.kind in GPU_KINDS), None)
+
+    def feed(self, kinds: frozenset[str] | None, newest: datetime | None) -> Feed:
+        """The freshness of the sources of ``kinds`` (all sources for ``None``)."""
+        best: tuple[datetime, float] | None = None
+        for s in self.sources:
+            if kinds is not None and s.kind not in kinds:
+                continue
+            limit = s.stale_after_s
+            if s.last_success is None or limit is None:
+                continue
+            if best is None or s.last_success + timedelta(seconds=limit) > best[0] + timedelta(
+                seconds=best[1]
+            ):
+                best = (s.last_success, limit)
+        if best is None:
+            return Feed(newest, stopped=self.feed_stopped)
+        return Feed(newest, best[0], best[1], self.feed_stopped)
 
 
 def summarise_billed(days: list[ProviderDay]) -> tuple[ProviderGap, ...]:
@@ -179,7 +232,10 @@ def build_snapshot(store: Store, request: RefreshRequest) -> Snapshot:
         values["series"] = tuple(v for _, v in queries.spend_series(store, start, end, step, text))
         values["billed"] = summarise_billed(queries.billed_vs_estimated(store, start, end))
     if "cost" in panes:
-        values["cost_rows"] = tuple(queries.cost_by(store, start, end, request.group, text))
+        limit = request.top_n or None
+        values["cost_rows"] = tuple(
+            queries.cost_by(store, start, end, request.group, text, limit=limit)
+        )
         metered = request_queries.request_stats(store, start, end, text=text)
         if metered.requests:
             values["metered"] = metered
@@ -187,19 +243,25 @@ def build_snapshot(store: Store, request: RefreshRequest) -> Snapshot:
                 request_queries.request_stats_by(store, start, end, "tag", text=text, limit=3)
             )
     if "mix" in panes:
-        values["mix"] = tuple(queries.model_mix(store, start, end, text))
+        values["mix"] = tuple(
+            queries.model_mix(store, start, end, text, limit=request.top_n or None)
+        )
     if "gpu" in panes:
         values["gpu"] = queries.gpu_overview(store, start, end)
         gstep = queries.series_step(start, end, 60)
         values["gpu_step"] = gstep
         values["gpu_series"] = tuple(v for _, v in queries.gpu_series(store, start, end, gstep))
     # Sources feed the GPU pane's explanation and every badge; the query reads a few rows.
+    values["resolution"] = queries.resolution(store, start)
     values["sources"] = tuple(queries.sources(store, request.now))
     values["usage_loading"] = usage_loading(values["sources"], request.expected)  # type: ignore[arg-type]
     spend = values.get("spend")
     values["newest_usage"] = (
         spend.newest_data if isinstance(spend, SpendSummary) else queries.newest_usage(store)
     )
+    holder = read_holder(store)
+    values["holder"] = holder
+    values["holder_alive"] = holder is not None and holder.alive(request.now)
     return Snapshot(
         request=request,
         elapsed_s=time.perf_counter() - began,

@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import math
 import random
 import socket
 import threading
@@ -347,6 +348,13 @@ class FakeProviderServer:
         """The server's current time (usable as a collector or runner clock)."""
         with self._lock:
             return self._now if self._now is not None else datetime.now(UTC)
+
+    def _usage_now(self) -> int:
+        """The clock in whole seconds for the usage endpoints, rounded up, so that the minute
+        holding now (which :meth:`seed` and :meth:`grow_newest` fill) shows from its first
+        instant: truncated, a minute would stay hidden for its first second, and a collect in
+        that second would miss what was just added to it."""
+        return math.ceil(self.now().timestamp())
 
     def set_now(self, when: datetime | None) -> None:
         """Freeze the clock at ``when`` (None: follow the wall clock)."""
@@ -946,7 +954,7 @@ class FakeProviderServer:
             if g not in all_dims:
                 raise ApiError(400, "invalid_request_error", f"group_by: invalid value {g}")
         models = set(self._arrays(query, "models"))
-        now = _epoch(self.now())
+        now = self._usage_now()
         index = self._index(table, now, models)
         buckets = []
         for b, nb in self._window(query, start, width, now, openai=True):
@@ -1071,7 +1079,7 @@ class FakeProviderServer:
             if g not in ANTHROPIC_GROUPABLE:
                 raise ApiError(400, "invalid_request_error", f"group_by: invalid value {g}")
         models = set(self._arrays(query, "models"))
-        now = _epoch(self.now())
+        now = self._usage_now()
         index = self._index(self._anthropic, now, models)
         buckets = []
         for b, nb in self._window(query, start, width, now, openai=False):

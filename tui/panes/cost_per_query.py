@@ -4,37 +4,51 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from rich.text import Text
 from textual.content import Content
 from textual.widget import Widget
 from textual.widgets import Static
 
 from tokentop.store.queries import CostRow
+from tokentop.store.text import clean
+from tokentop.store.view import DEFAULT_SORT, sort_rows
 from tokentop.tui import format as fmt
+from tokentop.tui.columns import Column, Fitted, fit_columns
 from tokentop.tui.panes.base import Pane
-from tokentop.tui.snapshot import Snapshot
+from tokentop.tui.snapshot import USAGE_KINDS, Snapshot
 from tokentop.tui.widgets.quiet import update_static
-from tokentop.tui.widgets.table import Role, ThemedTable
+from tokentop.tui.widgets.table import Cell, Role, ThemedTable, sort_label
+from tokentop.tui.widgets.table import Column as TableColumn
 
 GROUP_LABELS = {"model": "Model", "project": "Project", "api_key": "API key", "tag": "Tag"}
 """Column heading of the first column for each grouping."""
 
-COLUMNS: tuple[tuple[str, str, int], ...] = (
-    ("per_request", "$/req", 10),
-    ("change", "Δ $/req", 8),
-    ("requests", "Reqs", 7),
-    ("cost", "Cost", 9),
-    ("in", "In/req", 7),
-    ("out", "Out/req", 7),
-    ("cache", "Cache", 6),
+COLUMNS: tuple[Column, ...] = (
+    Column("per_request", "$/req", 7),
+    Column("change", "Δ $/req", 7),
+    Column("requests", "Reqs", 4),
+    Column("cost", "Cost", 6),
+    Column("in", "In/req", 6),
+    Column("out", "Out/req", 6),
+    Column("cache", "Cache", 5),
 )
-"""Columns after the name, most telling first (a narrow pane scrolls the rest): key,
-heading, width."""
+"""Columns after the name, most telling first."""
+
+DROP_ORDER: tuple[str, ...] = ("cache", "out", "in", "requests", "change")
+"""What a narrow pane leaves out, first to last, to keep at least :data:`NAME_FLOOR` cells for
+names: the token shapes (cache hit rate, output and input tokens per request), then the request
+count, then the change. The money ($/req and Cost) always stays."""
+
+NAME_FLOOR = 18
+"""The least width of the name column while a column can still go."""
 
 
 class CostPerQueryPane(Pane):
     """A table of requests, $/request, tokens per request in and out, cache hit rate and the
-    change of $/request against the previous window of equal length."""
+    change of $/request against the previous window of equal length.
+
+    Sorted by any column (``sort``; the app sets it from ``s``, ``S`` and header clicks), the
+    sort shown by an arrow in the heading. ``enter`` on a row drills down (the app's job).
+    """
 
     PANE_ID = "cost"
     TITLE = "Cost per query"
@@ -42,16 +56,21 @@ class CostPerQueryPane(Pane):
     def __init__(self, *, stale_after: float = 300.0) -> None:
         super().__init__(stale_after=stale_after)
         self.group = "model"
-        self._row_keys: list[str] = []
-        self._name_w = 0
+        self.sort: tuple[str, bool] = DEFAULT_SORT
+        """(column key, descending) of the rows."""
+        self._layout: tuple[str, tuple[str, bool], Fitted] | None = None
+        self.fitted: Fitted | None = None
+        """The columns shown and their widths, after the last layout."""
 
     def compose_body(self) -> Iterable[Widget]:
-        yield ThemedTable(id="cost-table", cursor_type="row", zebra_stripes=True)
+        yield ThemedTable(id="cost-table", zebra_stripes=True)
         yield Static("", id="cost-note")
         yield Static("", id="cost-metered")
 
-    def on_mount(self) -> None:
-        self._set_columns(self.group)
+    @property
+    def focus_target(self) -> Widget:
+        """The table."""
+        return self.table
 
     @property
     def table(self) -> ThemedTable:
@@ -60,29 +79,26 @@ class CostPerQueryPane(Pane):
 
     @property
     def row_keys(self) -> list[str]:
-        """Keys of the rows shown, in order."""
-        return list(self._row_keys)
+        """Keys of the rows shown, in order (``provider\x1fkey``)."""
+        return self.table.row_keys
 
-    def _name_width(self) -> int:
-        fixed = sum(w + 2 for _, _, w in COLUMNS) + 2
-        return max(14, min(28, self.inner_width - fixed - 1))
+    @property
+    def sort_columns(self) -> tuple[str, ...]:
+        """Columns shown, which ``s`` cycles through."""
+        return self.fitted.keys if self.fitted else ("name", *(c.key for c in COLUMNS))
 
-    def _set_columns(self, group: str) -> None:
-        table = self.table
-        table.clear(columns=True)
-        self._row_keys = []
-        self._name_w = self._name_width()
-        table.add_column(GROUP_LABELS.get(group, group), key="name", width=self._name_w)
-        for key, label, width in COLUMNS:
-            table.add_column(Text(label, justify="right"), key=key, width=width)
-        self.group = group
+    def set_sort(self, sort: tuple[str, bool]) -> None:
+        """Order the rows by ``sort`` and show it in the heading."""
+        if sort != self.sort:
+            self.sort = sort
+            if self.snapshot is not None:
+                self.show(self.snapshot)
 
-    def _cells(self, row: CostRow) -> dict[str, Text]:
+    def _cells(self, row: CostRow) -> dict[str, Cell]:
         cell = self.table.cell
         t = row.totals
         partial = not row.priced and t.cost > 0
-        name = row.key or "(none)"
-        cells = {"name": cell(name, "" if row.priced else "warning")}
+        cells: dict[str, Cell] = {}
         if not row.priced and t.cost == 0:
             cells["cost"] = cell("unpriced", "warning", right=True)
             cells["per_request"] = cell("unpriced", "warning", right=True)
@@ -105,42 +121,71 @@ class CostPerQueryPane(Pane):
             cells["change"] = cell(fmt.change(change), role, right=True)
         return cells
 
+    def _fit(self, group: str, names: list[str], cells: list[dict[str, Cell]]) -> Fitted:
+        """Which columns fit the table's width, with the sort arrow in its heading."""
+        width = self.table.size.width or self.inner_width
+        heading = GROUP_LABELS.get(group, group)
+        return fit_columns(
+            width,
+            (sort_label(heading, "name", self.sort), names),
+            [
+                (
+                    Column(c.key, sort_label(c.label, c.key, self.sort), c.floor),
+                    [row[c.key].plain for row in cells],
+                )
+                for c in COLUMNS
+            ],
+            DROP_ORDER,
+            name_floor=NAME_FLOOR,
+        )
+
+    def _set_columns(self, group: str, fitted: Fitted) -> None:
+        heading = GROUP_LABELS.get(group, group)
+        labels = {c.key: c.label for c in COLUMNS}
+        self.table.set_columns(
+            [TableColumn("name", sort_label(heading, "name", self.sort), fitted.name_width)]
+            + [
+                TableColumn(key, sort_label(labels[key], key, self.sort), fitted.widths[key], True)
+                for key in fitted.keys[1:]
+            ]
+        )
+        self.group = group
+        self.fitted = fitted
+
     def apply(self, snapshot: Snapshot) -> None:
         req = snapshot.request
         self.badge.loading_text = snapshot.usage_loading
-        self.badge.show(snapshot.newest_usage, snapshot.now)
-        if req.group != self.group or self._name_w != self._name_width():
-            self._set_columns(req.group)
-        self.set_info(
-            Content.assemble(
-                "by ",
-                (GROUP_LABELS.get(req.group, req.group).lower(), "bold"),
-                f" · {req.window} vs previous {req.window}",
-                ("  g: grouping", "$text-muted"),
-            )
+        self.show_freshness(snapshot.feed(USAGE_KINDS, snapshot.newest_usage), snapshot.now)
+        rows = sort_rows(snapshot.cost_rows, self.sort)
+        counted = Content.assemble(
+            (f"{len(rows)} ", "bold"),
+            GROUP_LABELS.get(req.group, req.group).lower() + ("s" if len(rows) != 1 else ""),
         )
-        rows = snapshot.cost_rows
-        keys = [f"{r.provider}\x1f{r.key}" for r in rows]
-        table = self.table
-        if keys == self._row_keys:
-            for key, row in zip(keys, rows, strict=True):
-                for column, value in self._cells(row).items():
-                    table.set_cell(key, column, value)
-        else:
-            selected = None
-            if table.row_count and 0 <= table.cursor_row < len(self._row_keys):
-                selected = self._row_keys[table.cursor_row]
-            table.clear()
-            for key, row in zip(keys, rows, strict=True):
-                cells = self._cells(row)
-                table.add_row(*(cells[c] for c in ("name", *(k for k, _, _ in COLUMNS))), key=key)
-            self._row_keys = keys
-            if selected in keys:
-                table.move_cursor(row=keys.index(selected), animate=False)
+        if not rows and snapshot.usage_loading:
+            counted = Content.styled("loading…", "$text-muted")
+        self.set_info(counted + f" · {req.window} vs previous {req.window}")
+        cells = [self._cells(r) for r in rows]
+        names = [clean(r.key) if r.key else "(none)" for r in rows]
+        fitted = self._fit(req.group, names, cells)
+        layout = (req.group, self.sort, fitted)
+        if layout != self._layout:
+            self._set_columns(req.group, fitted)
+            self._layout = layout
+        name_w, cell = fitted.name_width, self.table.cell
+        for name, row_cells, row in zip(names, cells, rows, strict=True):
+            row_cells["name"] = cell(fmt.fit(name, name_w), "" if row.priced else "warning")
+        self.table.set_rows(
+            [
+                (f"{r.provider}\x1f{r.key}", row_cells)
+                for r, row_cells in zip(rows, cells, strict=True)
+            ]
+        )
         note = self.query_one("#cost-note", Static)
         partial = any(not r.priced and r.totals.cost > 0 for r in rows)
         if not rows:
-            update_static(note, Content.styled("no usage in this window", "$text-muted"))
+            # While a source still loads, an empty table is not yet a fact.
+            empty = snapshot.usage_loading or "no usage in this window"
+            update_static(note, Content.styled(empty, "$text-muted"))
         elif partial:
             update_static(note, Content.styled("* excludes unpriced tokens (not in $)", "$warning"))
         else:

@@ -12,11 +12,54 @@ from textual.widgets import Sparkline, Static
 from tokentop.store.queries import GpuDevice
 from tokentop.store.text import clean
 from tokentop.tui import format as fmt
-from tokentop.tui.panes.base import Pane
-from tokentop.tui.snapshot import Snapshot
+from tokentop.tui.columns import Column, fit_columns
+from tokentop.tui.panes.base import Pane, flow
+from tokentop.tui.snapshot import SELF_HOSTED_KINDS, Snapshot
 from tokentop.tui.widgets.quiet import update_static
 
-FIG = 8
+DEVICE_COLUMNS = (("util", "util"), ("power", "power"), ("usd_h", "$/h"), ("idle_h", "idle/h"))
+DEVICE_DROP = ("power", "util")
+"""A narrow pane drops power, then utilisation; never the money ($/h, idle burn per hour)."""
+ENDPOINT_COLUMNS = (("per_s", "inf/s"), ("inferences", "inferences"), ("tokens", "tokens"))
+ENDPOINT_DROP = ("tokens", "inferences")
+
+Row = tuple[str, dict[str, tuple[str, str]]]
+"""A name and, per column key, (text, style)."""
+
+
+def _grid(
+    columns: tuple[tuple[str, str], ...],
+    drop: tuple[str, ...],
+    heading: str,
+    rows: list[Row],
+    width: int,
+) -> list[Content]:
+    """A heading line and one line per row: the columns that fit ``width`` (right-aligned, one
+    space apart) and the name in what is left, cut with ``…`` only when it must be."""
+    fitted = fit_columns(
+        width,
+        (heading, [name for name, _ in rows]),
+        [(Column(key, label), [cells[key][0] for _, cells in rows]) for key, label in columns],
+        drop,
+        name_floor=10,
+        padding=1,
+    )
+    name_w = fitted.name_width
+    labels = dict(columns)
+    keys = fitted.keys[1:]
+    out = [
+        Content.styled(
+            f"{heading:<{name_w}}" + "".join(f" {labels[k]:>{fitted.widths[k]}}" for k in keys),
+            "$text-muted",
+        )
+    ]
+    for name, cells in rows:
+        parts: list[tuple[str, str] | str] = [f"{fmt.fit(name, name_w):<{name_w}}"]
+        for k in keys:
+            text, style = cells[k]
+            parts.append((f" {text:>{fitted.widths[k]}}", style))
+        out.append(Content.assemble(*parts))
+    return out
 
 
 def _idle_per_hour(d: GpuDevice) -> Decimal | None:
@@ -38,7 +81,9 @@ class GpuPane(Pane):
 
     def apply(self, snapshot: Snapshot) -> None:
         g = snapshot.gpu
-        self.badge.show(g.newest, snapshot.now)
+        stale = self.show_freshness(snapshot.feed(SELF_HOSTED_KINDS, g.newest), snapshot.now)
+        # Rates of a dead feed are unknown, never $0/h or 0/s.
+        per_hour = fmt.usd if not stale else (lambda _v: fmt.MISSING)
         muted = "$text-muted"
         self.set_info(
             Content.assemble(
@@ -48,8 +93,7 @@ class GpuPane(Pane):
                 f" endpoint{'s' if len(g.endpoints) != 1 else ''} · {snapshot.request.window}",
             )
         )
-        width = self.inner_width - 1
-        name_w = max(10, min(28, width - 4 * (FIG + 1)))
+        width = self.inner_width
         lines: list[Content] = []
         if not g.devices:
             source = snapshot.gpu_source()
@@ -63,66 +107,62 @@ class GpuPane(Pane):
                 )
             lines.append(Content.assemble(("no GPU data — ", muted), reason))
         else:
-            lines.append(
-                Content.styled(
-                    f"{'GPU':<{name_w}}{'util':>{FIG}} {'power':>{FIG}} {'$/h':>{FIG}}"
-                    f" {'idle/h':>{FIG}}",
-                    muted,
-                )
-            )
+            rows = []
             for d in g.devices:
-                label = clean(f"{d.index} {d.name or d.device}")
-                label = label if len(label) <= name_w else label[: name_w - 1] + "…"
                 util = "n/a" if d.util_pct is None else f"{d.util_pct:.0f}%"
                 power = "n/a" if d.power_w is None else f"{d.power_w:.0f}W"
+                if stale:  # last readings of a feed that stopped: not what the GPU does now
+                    util = power = fmt.MISSING
                 idle = _idle_per_hour(d)
                 idle_role = (
                     "$warning" if idle and d.usd_per_hour and idle > d.usd_per_hour / 2 else ""
                 )
-                lines.append(
-                    Content.assemble(
-                        f"{label:<{name_w}}",
-                        (f"{util:>{FIG}} ", "bold"),
-                        f"{power:>{FIG}} ",
-                        f"{fmt.usd(d.usd_per_hour):>{FIG}} ",
-                        (f"{fmt.usd(idle):>{FIG}}", idle_role),
+                rows.append(
+                    (
+                        clean(f"{d.index} {d.name or d.device}"),
+                        {
+                            "util": (util, "bold"),
+                            "power": (power, ""),
+                            "usd_h": (per_hour(d.usd_per_hour), ""),
+                            "idle_h": (per_hour(idle), idle_role),
+                        },
                     )
                 )
+            lines += _grid(DEVICE_COLUMNS, DEVICE_DROP, "GPU", rows, width)
         if g.endpoints:
-            lines.append(
-                Content.styled(
-                    f"{'endpoint':<{name_w}}{'inf/s':>{FIG}} {'inferences':>{FIG + 2}}"
-                    f" {'tokens':>{FIG - 2}}",
-                    muted,
+            rows = [
+                (
+                    clean(f"{e.endpoint}" + (f" ({e.kind})" if e.kind else "")),
+                    {
+                        "per_s": (fmt.rate(None if stale else e.per_second, ""), "bold"),
+                        "inferences": (fmt.count(e.requests), ""),
+                        "tokens": (fmt.tokens(e.prompt_tokens + e.generation_tokens), ""),
+                    },
                 )
-            )
-            for e in g.endpoints:
-                label = clean(f"{e.endpoint}" + (f" ({e.kind})" if e.kind else ""))
-                label = label if len(label) <= name_w else label[: name_w - 1] + "…"
-                lines.append(
-                    Content.assemble(
-                        f"{label:<{name_w}}",
-                        (f"{fmt.rate(e.per_second, ''):>{FIG}} ", "bold"),
-                        f"{fmt.count(e.requests):>{FIG + 2}} ",
-                        f"{fmt.tokens(e.prompt_tokens + e.generation_tokens):>{FIG - 2}}",
-                    )
-                )
+                for e in g.endpoints
+            ]
+            lines += _grid(ENDPOINT_COLUMNS, ENDPOINT_DROP, "endpoint", rows, width)
         if g.devices:
             idle_share = float(g.idle_cost / g.cost) if g.cost else None
-            lines.append(
-                Content.assemble(
-                    ("$/inference ", muted),
-                    (fmt.usd_unit(g.cost_per_inference), "bold $accent"),
-                    ("  $/1M tok ", muted),
-                    (fmt.usd_unit(g.cost_per_1m_tokens), "bold"),
-                    ("  cost ", muted),
-                    fmt.usd(g.cost),
-                    ("  idle ", muted),
-                    (
-                        f"{fmt.usd(g.idle_cost)} ({fmt.pct(idle_share)})",
-                        "$warning" if idle_share and idle_share > 0.3 else "",
+            lines += flow(
+                [
+                    Content.assemble(
+                        ("$/inference ", muted),
+                        (fmt.usd_unit(g.cost_per_inference), "bold $accent"),
                     ),
-                )
+                    Content.assemble(
+                        ("$/1M tok ", muted), (fmt.usd_unit(g.cost_per_1m_tokens), "bold")
+                    ),
+                    Content.assemble(("cost ", muted), fmt.usd(g.cost)),
+                    Content.assemble(
+                        ("idle ", muted),
+                        (
+                            f"{fmt.usd(g.idle_cost)} ({fmt.pct(idle_share)})",
+                            "$warning" if idle_share and idle_share > 0.3 else "",
+                        ),
+                    ),
+                ],
+                width,
             )
         update_static(self.query_one("#gpu-lines", Static), Content("\n").join(lines))
         points = [float(v) for v in snapshot.gpu_series if v is not None]

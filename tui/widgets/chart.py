@@ -9,8 +9,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import ClassVar
 
-from rich.text import Text
+from textual.content import Content, Span
 from textual.reactive import reactive
+from textual.style import Style
 from textual.widget import Widget
 
 _EIGHTHS = " ▁▂▃▄▅▆▇█"
@@ -51,6 +52,11 @@ class TimeChart(Widget):
     data: reactive[tuple[float | None, ...]] = reactive(tuple, layout=False)
     """The series, oldest first."""
 
+    def __init__(self, *, id: str | None = None) -> None:
+        super().__init__(id=id)
+        self._rendered_key: object = None
+        self._rendered: Content | None = None
+
     def columns(self, width: int) -> list[float | None]:
         """The values drawn in each of ``width`` columns (right-aligned when stretched)."""
         values = downsample(self.data, width)
@@ -59,12 +65,13 @@ class TimeChart(Widget):
         repeat = max(1, width // len(values))
         return [v for v in values for _ in range(repeat)]
 
-    def render(self) -> Text:
+    def render(self) -> Content:
         width, height = self.size.width, max(1, self.size.height)
+        key = (width, height, self.data, self.app.theme)
+        if key == self._rendered_key and self._rendered is not None:
+            return self._rendered  # a repaint of the screen around it: nothing to redo
         cols = self.columns(width)
         peak = max((v for v in cols if v is not None), default=0.0)
-        bar_style = self.get_component_rich_style("timechart--bar")
-        base_style = self.get_component_rich_style("timechart--base")
         pad = width - len(cols)
         # Any spend at all gets at least the lowest block, so it never reads as zero.
         levels = [
@@ -73,15 +80,31 @@ class TimeChart(Widget):
         ]
         lines = []
         for row in range(height - 1, -1, -1):
-            line = Text(" " * pad)
+            # One span per run of the same style (not one per cell): cheap to build and paint.
+            chars: list[str] = [" "] * pad
+            kinds: list[str] = [""] * pad
             for level in levels:
                 if level is None:
-                    line.append(" ")
+                    chars.append(" ")
+                    kinds.append("")
                     continue
                 cell = max(0, min(8, level - row * 8))
                 if row == 0 and cell == 0:
-                    line.append("▁", base_style)
+                    chars.append("▁")
+                    kinds.append("timechart--base")
                 else:
-                    line.append(_EIGHTHS[cell], bar_style)
-            lines.append(line)
-        return Text("\n").join(lines)
+                    chars.append(_EIGHTHS[cell])
+                    kinds.append("timechart--bar")
+            spans = []
+            start = 0
+            for i in range(1, len(kinds) + 1):
+                if i == len(kinds) or kinds[i] != kinds[start]:
+                    if kinds[start]:
+                        spans.append(Span(start, i, self._style(kinds[start])))
+                    start = i
+            lines.append(Content("".join(chars), spans))
+        self._rendered_key, self._rendered = key, Content("\n").join(lines)
+        return self._rendered
+
+    def _style(self, component: str) -> Style:
+        return Style.from_rich_style(self.get_component_rich_style(component))

@@ -18,14 +18,15 @@ class HelpScreen(ModalScreen[None]):
     DEFAULT_CSS = """
     HelpScreen { align: center middle; }
     HelpScreen > Vertical {
-        width: 64;
+        width: auto;
+        max-width: 100%;
         height: auto;
         max-height: 90%;
         border: round $accent;
         background: $surface;
         padding: 0 1;
     }
-    HelpScreen DataTable { height: auto; max-height: 30; }
+    HelpScreen DataTable { height: auto; max-height: 30; width: auto; }
     HelpScreen #help-foot { color: $text-muted; padding-top: 1; }
     """
 
@@ -43,8 +44,12 @@ class HelpScreen(ModalScreen[None]):
         with Vertical() as box:
             box.border_title = "tokentop keys"
             table: DataTable[str] = DataTable(show_cursor=False, zebra_stripes=True, id="help-keys")
-            table.add_column("Key", key="key", width=8)
-            table.add_column("Action", key="action", width=48)
+            # As wide as the longest line, so that no description is cut (the box is centred
+            # and may take the whole screen; a longer line scrolls rather than lose words).
+            key_w = max([3, *(len(k) for k, _ in self.keys)])
+            action_w = max([6, *(len(d) for _, d in self.keys)])
+            table.add_column("Key", key="key", width=key_w)
+            table.add_column("Action", key="action", width=action_w)
             for i, (key, description) in enumerate(self.keys):
                 table.add_row(key, description, key=str(i))
             yield table

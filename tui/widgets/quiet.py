@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from rich.cells import cell_len
 from rich.text import Text
 from textual.content import Content
 from textual.widgets import Static
@@ -31,10 +32,34 @@ def content_key(value: Any) -> Any:
     return ("other", value)
 
 
-def update_static(widget: Static, value: Content | Text | str) -> None:
-    """``widget.update(value)`` unless it already shows exactly that."""
+def _shape(widget: Static, value: Content | Text | str) -> tuple[int, int]:
+    """What the widget's size depends on: the value's number of lines if its height is
+    ``auto``, its widest line if its width is (0 for a dimension the layout fixes)."""
+    plain = value if isinstance(value, str) else value.plain
+    lines = plain.split("\n")
+    width, height = widget.styles.width, widget.styles.height
+    auto_w = width is not None and width.is_auto
+    auto_h = height is None or height.is_auto
+    return (len(lines) if auto_h else 0), (max(cell_len(line) for line in lines) if auto_w else 0)
+
+
+def update_static(
+    widget: Static, value: Content | Text | str, *, layout: bool | None = None
+) -> None:
+    """``widget.update(value)`` unless it already shows exactly that.
+
+    A new layout of the screen (the dearest part of a repaint) is asked for only when the
+    value's shape changed (its number of lines or its widest line), since only then can a
+    widget sized to its content change size; a figure that ticks from ``$1.20`` to ``$1.21``
+    repaints its own line and nothing else. ``layout`` overrides that guess (a widget that
+    knows its size cannot change passes ``False``).
+    """
     key = content_key(value)
     if getattr(widget, "_tokentop_shown", _UNSET) == key:
         return
     widget._tokentop_shown = key  # type: ignore[attr-defined]
-    widget.update(value)
+    shape = _shape(widget, value)
+    if layout is None:
+        layout = getattr(widget, "_tokentop_shape", None) != shape
+    widget._tokentop_shape = shape  # type: ignore[attr-defined]
+    widget.update(value, layout=layout)

@@ -1,0 +1,1112 @@
+"""The fleet's figures read from Prometheus: the store's pane queries, in PromQL.
+
+Every figure is one PromQL query, ``increase()`` over the window summed ``by`` the groups it
+needs, evaluated by the server; Python only adds up the handful of groups that come back and
+prices external GPU time with the ``[[gpu]]`` rates. The results are the store's own types
+(:class:`~tokentop.store.queries.Totals`, ``CostRow``, ``MixRow``, ``GpuOverview``,
+``SourceHealth``), so the panes and the report show them without knowing where they came from.
+
+Rules carried over from the store:
+
+- **Windows start on a whole minute**: the store counts the one-minute buckets that *start* in
+  ``[start, end)``; over Prometheus that is the counters' growth from the first whole minute at or
+  after ``start`` to ``end``.
+- **A dollar is counted once**: series from the request meter (``metered="true"``) count only
+  for providers that no other source (an admin API, the demo) reports at the window's end;
+  otherwise they are "of which metered".
+- **Unknown is not zero**: a failed query raises :class:`~tokentop.collectors.promql.PromError`.
+
+Long windows use subqueries (``increase(x[30d:25920s])``): they read one sample per step instead of
+every scrape of a month, which is what makes a 30-day pane refresh affordable without recording
+rules. tokentop's counters never reset (they start from the stored totals), so the coarser
+reading loses nothing but the extrapolation at the window's edges.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from decimal import ROUND_HALF_EVEN, Decimal
+from typing import Any
+
+from tokentop.collectors.base import Clock, utcnow
+from tokentop.collectors.promql import PromClient, Sample, duration, quote, regex_literal
+from tokentop.pricing.gpu import GpuCostModel, GpuRate
+from tokentop.store.queries import (
+    CostRow,
+    Endpoint,
+    GpuDevice,
+    GpuOverview,
+    MixRow,
+    SpendSummary,
+    Totals,
+)
+from tokentop.store.records import SourceHealth, from_epoch
+
+COST = "tokentop_cost_usd_total"
+TOKENS = "tokentop_tokens_total"
+REQUESTS = "tokentop_requests_total"
+GPU_COST = "tokentop_gpu_cost_usd_total"
+GPU_IDLE = "tokentop_gpu_idle_cost_usd_total"
+GPU_SECONDS = "tokentop_gpu_seconds_total"
+INFERENCES = "tokentop_inferences_total"
+INFERENCE_TOKENS = "tokentop_inference_tokens_total"
+SOURCE_UP = "tokentop_source_up"
+
+FILTER_LABELS = ("provider", "model", "project", "tag", "api_key")
+"""Labels the text filter looks in (as the store's filter does)."""
+RAW_MAX_S = 3 * 3600
+"""Windows up to this long read every sample; longer ones use a subquery."""
+SUBQUERY_STEPS = 100
+SUBQUERY_MIN_STEP_S = 300
+NANO = Decimal("0.000000001")
+_INPUT_KINDS = ("input_uncached", "cache_read", "cache_write_5m", "cache_write_1h")
+
+EXTERNAL_SERVERS: dict[str, dict[str, str]] = {
+    # Served inferences, prompt tokens and generated tokens per inference server, from the
+    # metrics teams already scrape (see the reference notes: vLLM 0.33, SGLang 0.5, TGI 3.3).
+    "vllm": {
+        "inferences": 'vllm:request_success_total{finished_reason=~"stop|length"}',
+        "prompt": "vllm:prompt_tokens_total",
+        "generation": "vllm:generation_tokens_total",
+        "model": "model_name",
+    },
+    "sglang": {
+        "inferences": "sglang:num_requests_total",
+        "prompt": "sglang:prompt_tokens_total",
+        "generation": "sglang:generation_tokens_total",
+        "model": "model_name",
+    },
+    "tgi": {
+        "inferences": "tgi_request_success",
+        "prompt": "tgi_request_input_length_sum",
+        "generation": "tgi_request_generated_tokens_sum",
+        "model": "",
+    },
+}
+DCGM_UTIL = "DCGM_FI_DEV_GPU_UTIL"
+DCGM_POWER = "DCGM_FI_DEV_POWER_USAGE"
+DCGM_ENERGY = "DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION"
+DCGM_FB_USED = "DCGM_FI_DEV_FB_USED"
+DCGM_FB_FREE = "DCGM_FI_DEV_FB_FREE"
+_OWN_GAUGES = ("utilization_ratio", "power_watts", "memory_used_bytes", "memory_total_bytes")
+_DCGM_GAUGES = {
+    "util": DCGM_UTIL,
+    "power": DCGM_POWER,
+    "used": DCGM_FB_USED,
+    "free": DCGM_FB_FREE,
+}
+_DCGM_KEY = ("instance", "Hostname", "hostname", "gpu", "UUID", "uuid", "modelName")
+"""DCGM exporter's labels that identify a GPU (``Hostname`` became ``hostname`` after 4.5.3)."""
+
+
+def window_start(start: datetime) -> datetime:
+    """The first whole minute at or after ``start`` (where the store's buckets begin)."""
+    floor = start.replace(second=0, microsecond=0)
+    return floor if floor == start else floor + timedelta(minutes=1)
+
+
+def window_seconds(start: datetime, end: datetime) -> float:
+    """Length of ``[window_start(start), end)`` in seconds (0 when empty)."""
+    return max(0.0, (end - window_start(start)).total_seconds())
+
+
+def _usd(value: Decimal | None) -> Decimal:
+    return Decimal(0) if value is None else value.quantize(NANO, rounding=ROUND_HALF_EVEN)
+
+
+def _count(value: Decimal | None) -> int:
+    return 0 if value is None else int(value.to_integral_value(rounding=ROUND_HALF_EVEN))
+
+
+def over(func: str, selector: str, seconds: float) -> str:
+    """``func(selector[range])`` for a window; a subquery at a coarser step when it is long."""
+    rng = duration(seconds)
+    if seconds <= RAW_MAX_S:
+        return f"{func}({selector}[{rng}])"
+    # About a hundred steps, never finer than Prometheus' 5-minute lookback: each step is one
+    # lookup per series, which costs about as much as reading a chunk of raw samples.
+    step = max(SUBQUERY_MIN_STEP_S, -(-int(seconds / SUBQUERY_STEPS) // 60) * 60)
+    return f"{func}({selector}[{rng}:{step}s])"
+
+
+def selector(metric: str, matchers: Iterable[str] = ()) -> str:
+    """``metric{m1, m2}``."""
+    inner = ", ".join(matchers)
+    return f"{metric}{{{inner}}}" if inner else metric
+
+
+def increase(metric: str, matchers: Sequence[str], seconds: float, text: str = "") -> str:
+    """``increase()`` of a metric over a window; with a filter text, of the series whose
+    provider, model, project, tag or API key contains it (case-insensitive), each once."""
+    if not text:
+        return over("increase", selector(metric, matchers), seconds)
+    pattern = quote(f"(?i).*{regex_literal(text)}.*")
+    parts = [
+        over("increase", selector(metric, [*matchers, f"{label}=~{pattern}"]), seconds)
+        for label in FILTER_LABELS
+    ]
+    return "(" + " or ".join(parts) + ")"
+
+
+def counted(
+    metric: str,
+    matchers: Sequence[str],
+    seconds: float,
+    by: Sequence[str],
+    text: str = "",
+    scope: str = "counted",
+) -> str:
+    """A usage metric's increase summed ``by`` groups, each dollar once (see the module).
+
+    ``scope``: ``counted`` (the totals), ``metered`` (the meter's part of covered providers)
+    or ``all`` (every source added up: audits only).
+    """
+    inner = ", ".join(sorted({*by, "provider"}))
+    # Covered: an admin source reports the provider at the window's end (within Prometheus'
+    # lookback). An instant selector reads one sample per series, not the whole window again.
+    non_meter = selector(REQUESTS, ['metered="false"'])
+    covered = f"group by (provider) ({non_meter})"
+
+    def part(metered: str | None) -> str:
+        m = [*matchers] if metered is None else [*matchers, f'metered="{metered}"']
+        return f"sum by ({inner}) ({increase(metric, m, seconds, text)})"
+
+    if scope == "counted":
+        expr = f"({part('false')}) or (({part('true')}) unless on (provider) {covered})"
+    elif scope == "metered":
+        expr = f"({part('true')}) and on (provider) {covered}"
+    elif scope == "all":
+        expr = part(None)
+    else:
+        raise ValueError(f"unknown scope {scope!r}")
+    if "provider" in by:
+        return expr
+    return f"sum by ({', '.join(by)}) ({expr})" if by else f"sum({expr})"
+
+
+@dataclass(frozen=True, slots=True)
+class Group:
+    """A group's totals over a window, and whether every row of it was priced."""
+
+    totals: Totals
+    priced: bool
+
+    @property
+    def empty(self) -> bool:
+        """Nothing happened in the window."""
+        t = self.totals
+        return not (t.requests or t.input_total or t.output or t.cost)
+
+
+@dataclass(slots=True)
+class _Acc:
+    cost: Decimal = Decimal(0)
+    requests: Decimal = Decimal(0)
+    unpriced_requests: Decimal = Decimal(0)
+    tokens: dict[str, Decimal] = field(default_factory=dict)
+    unpriced_tokens: Decimal = Decimal(0)
+    unpriced_seen: bool = False
+
+    def group(self) -> Group:
+        tok = self.tokens
+        return Group(
+            Totals(
+                cost=_usd(self.cost),
+                requests=_count(self.requests),
+                input_total=_count(sum((tok.get(k, Decimal(0)) for k in _INPUT_KINDS), Decimal(0))),
+                cache_read=_count(tok.get("cache_read")),
+                cache_write=_count(
+                    tok.get("cache_write_5m", Decimal(0)) + tok.get("cache_write_1h", Decimal(0))
+                ),
+                output=_count(tok.get("output")),
+                unpriced_tokens=_count(self.unpriced_tokens),
+                unpriced_requests=_count(self.unpriced_requests),
+            ),
+            priced=not self.unpriced_seen,
+        )
+
+
+Query = tuple[str, datetime]
+"""A PromQL expression and the time to evaluate it at."""
+
+
+class PromSource:
+    """The figures of a fleet, from one Prometheus-compatible server.
+
+    Args:
+        client: the query API client.
+        gpu_rates: the ``[[gpu]]`` rates (external GPU metrics are priced with them).
+        gpu_metrics: ``tokentop``, ``external`` or ``auto`` (see :mod:`.metrics_config`).
+        clock: injected time source.
+        workers: queries sent at once.
+    """
+
+    def __init__(
+        self,
+        client: PromClient,
+        *,
+        gpu_rates: tuple[GpuRate, ...] = (),
+        gpu_metrics: str = "auto",
+        clock: Clock = utcnow,
+        workers: int = 4,
+    ) -> None:
+        self.client = client
+        self.gpu_costs = GpuCostModel(gpu_rates)
+        self.gpu_rates = gpu_rates
+        self.gpu_metrics = gpu_metrics
+        self.clock = clock
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="promql")
+
+    @property
+    def url(self) -> str:
+        """The server's base URL."""
+        return self.client.url
+
+    def close(self) -> None:
+        """Stop the query threads and close the connections."""
+        self._pool.shutdown(wait=True)
+        self.client.close()
+
+    def run(self, queries: Mapping[str, Query]) -> dict[str, list[Sample]]:
+        """Send the queries at once; every answer, or the first :class:`PromError`."""
+        futures = {
+            name: self._pool.submit(self.client.query, promql, at)
+            for name, (promql, at) in queries.items()
+        }
+        return {name: f.result() for name, f in futures.items()}
+
+    # Usage.
+
+    def group_queries(
+        self,
+        prefix: str,
+        start: datetime,
+        end: datetime,
+        by: Sequence[str],
+        text: str = "",
+        scope: str = "counted",
+        tokens: str = "all",
+    ) -> dict[str, Query]:
+        """The queries behind :meth:`groups`: cost, requests and tokens by kind.
+
+        ``tokens``: ``all``, ``unpriced`` (only the unpriced tokens, all the Spend pane shows of
+        them) or ``none`` (for a previous window: $/request needs cost and requests only).
+        Tokens are the largest family (five kinds), so this is most of a refresh's work.
+        """
+        s = window_seconds(start, end)
+        queries = {
+            f"{prefix}cost": (counted(COST, ['kind="estimated"'], s, by, text, scope), end),
+            f"{prefix}requests": (counted(REQUESTS, [], s, [*by, "priced"], text, scope), end),
+        }
+        if tokens != "none":
+            m = ['priced="false"'] if tokens == "unpriced" else []
+            t = counted(TOKENS, m, s, [*by, "kind", "priced"], text, scope)
+            queries[f"{prefix}tokens"] = (t, end)
+        return queries
+
+    @staticmethod
+    def fold(
+        answers: Mapping[str, list[Sample]], prefix: str, by: Sequence[str]
+    ) -> dict[tuple[str, ...], Group]:
+        """Turn :meth:`group_queries`' answers into each group's totals (empty groups left
+        out)."""
+        acc: dict[tuple[str, ...], _Acc] = {}
+
+        def get(s: Sample) -> _Acc:
+            return acc.setdefault(tuple(s.labels.get(b, "") for b in by), _Acc())
+
+        for s in answers[f"{prefix}cost"]:
+            get(s).cost += s.value or 0
+        for s in answers.get(f"{prefix}tokens", []):
+            a, v = get(s), s.value or Decimal(0)
+            kind = s.labels.get("kind", "")
+            a.tokens[kind] = a.tokens.get(kind, Decimal(0)) + v
+            if s.labels.get("priced") == "false":
+                a.unpriced_tokens += v
+                a.unpriced_seen = a.unpriced_seen or v > 0
+        for s in answers[f"{prefix}requests"]:
+            a, v = get(s), s.value or Decimal(0)
+            a.requests += v
+            if s.labels.get("priced") == "false":
+                a.unpriced_requests += v
+                a.unpriced_seen = a.unpriced_seen or v > 0
+        groups = {k: a.group() for k, a in acc.items()}
+        return {k: g for k, g in groups.items() if not g.empty}
+
+    def groups(
+        self,
+        start: datetime,
+        end: datetime,
+        by: Sequence[str],
+        text: str = "",
+        scope: str = "counted",
+    ) -> dict[tuple[str, ...], Group]:
+        """Usage totals of ``[start, end)`` per group of ``by`` labels."""
+        answers = self.run(self.group_queries("", start, end, by, text, scope))
+        return self.fold(answers, "", by)
+
+    def totals(
+        self, start: datetime, end: datetime, text: str = "", scope: str = "counted"
+    ) -> Totals:
+        """Usage totals of ``[start, end)`` (as :func:`tokentop.store.queries.totals`)."""
+        found = self.groups(start, end, (), text, scope)
+        return found[()].totals if () in found else Totals()
+
+    @staticmethod
+    def _by(group: str) -> tuple[str, ...]:
+        return ("provider", "model") if group == "model" else (group,)
+
+    def cost_queries(
+        self, start: datetime, end: datetime, group: str = "model", text: str = ""
+    ) -> dict[str, Query]:
+        """The queries behind :meth:`fold_cost`: the window and the one before it."""
+        by, length = self._by(group), end - start
+        return {
+            **self.group_queries("now.", start, end, by, text),
+            **self.group_queries("before.", start - length, start, by, text, tokens="none"),
+        }
+
+    def fold_cost(self, answers: Mapping[str, list[Sample]], group: str) -> list[CostRow]:
+        """As :func:`tokentop.store.queries.cost_by`: groups with the previous window."""
+        by = self._by(group)
+        current = self.fold(answers, "now.", by)
+        before = self.fold(answers, "before.", by)
+        rows = [
+            CostRow(
+                key=k[-1],
+                provider=k[0] if group == "model" else "",
+                totals=g.totals,
+                previous=before[k].totals if k in before else Totals(),
+                priced=g.priced,
+            )
+            for k, g in current.items()
+        ]
+        rows.sort(key=lambda r: (-r.totals.cost, -r.totals.requests, r.key))
+        return rows
+
+    def cost_by(
+        self, start: datetime, end: datetime, group: str = "model", text: str = ""
+    ) -> list[CostRow]:
+        """As :func:`tokentop.store.queries.cost_by`: groups with the previous window."""
+        return self.fold_cost(self.run(self.cost_queries(start, end, group, text)), group)
+
+    @staticmethod
+    def mix(groups: Mapping[tuple[str, ...], Group]) -> list[MixRow]:
+        """Model mix from groups by (provider, model)."""
+        total_cost = sum((g.totals.cost for g in groups.values()), Decimal(0))
+        total_req = sum(g.totals.requests for g in groups.values())
+        rows = [
+            MixRow(
+                provider=k[0],
+                model=k[1],
+                cost=g.totals.cost,
+                requests=g.totals.requests,
+                cost_share=float(g.totals.cost / total_cost) if total_cost else 0.0,
+                request_share=g.totals.requests / total_req if total_req else 0.0,
+                priced=g.priced,
+            )
+            for k, g in groups.items()
+        ]
+        rows.sort(key=lambda m: (-m.cost, -m.requests, m.model))
+        return rows
+
+    def model_mix(self, start: datetime, end: datetime, text: str = "") -> list[MixRow]:
+        """As :func:`tokentop.store.queries.model_mix`."""
+        return self.mix(self.groups(start, end, ("provider", "model"), text))
+
+    def spend_queries(self, now: datetime, text: str = "") -> dict[str, Query]:
+        """The queries behind :meth:`fold_spend`."""
+        now = now.astimezone(UTC)
+        hour_start = now.replace(minute=0, second=0, microsecond=0)
+        day_start = hour_start.replace(hour=0)
+        month_start = day_start.replace(day=1)
+
+        def cost(start: datetime) -> Query:
+            seconds = window_seconds(start, now)
+            return (counted(COST, ['kind="estimated"'], seconds, (), text), now)
+
+        return {
+            "spend.hour": cost(hour_start),
+            "spend.month": cost(month_start),
+            **{f"spend.burn{m}": cost(now - timedelta(minutes=m)) for m in (5, 15, 60)},
+            **self.group_queries("spend.today.", day_start, now, (), text, tokens="unpriced"),
+            "spend.history": (f"count({REQUESTS} offset 2h)", now),
+            **self.freshness_queries(now),
+        }
+
+    def fold_spend(
+        self,
+        answers: Mapping[str, list[Sample]],
+        now: datetime,
+        budget_daily: Decimal | None = None,
+        budget_monthly: Decimal | None = None,
+        spike_floor: Decimal = Decimal(1),
+    ) -> SpendSummary:
+        """As :func:`tokentop.store.queries.spend_summary`, with the same projections."""
+        now = now.astimezone(UTC)
+        day_start = now.replace(hour=0, minute=0, second=0, microsecond=0)
+        month_start = day_start.replace(day=1)
+        next_month = (month_start + timedelta(days=32)).replace(day=1)
+
+        def first(name: str) -> Decimal:
+            found = answers[f"spend.{name}"]
+            return _usd(found[0].value) if found else Decimal(0)
+
+        today = self.fold(answers, "spend.today.", ()).get((), Group(Totals(), True)).totals
+        burn = {m: first(f"burn{m}") * 60 / m for m in (5, 15, 60)}
+        month = first("month")
+        hours_left_day = Decimal((day_start + timedelta(days=1) - now).total_seconds()) / 3600
+        hours_left_month = Decimal((next_month - now).total_seconds()) / 3600
+        elapsed_month_h = Decimal((now - month_start).total_seconds()) / 3600
+        month_rate = month / elapsed_month_h if elapsed_month_h > 0 else burn[60]
+        history_rows = answers["spend.history"]
+        history = bool(history_rows) and (history_rows[0].value or 0) > 0
+        return SpendSummary(
+            now=now,
+            hour=first("hour"),
+            today=today.cost,
+            month=month,
+            burn_per_hour=burn,
+            projected_today=today.cost + burn[60] * hours_left_day,
+            projected_month=month + month_rate * hours_left_month,
+            newest_data=self.fold_freshness(answers, now)[0],
+            unpriced_tokens_today=today.unpriced_tokens,
+            requests_today=today.requests,
+            spike=history and burn[5] >= spike_floor and burn[5] > 3 * burn[60],
+            budget_daily=budget_daily,
+            budget_monthly=budget_monthly,
+        )
+
+    def spend_summary(
+        self,
+        now: datetime,
+        text: str = "",
+        budget_daily: Decimal | None = None,
+        budget_monthly: Decimal | None = None,
+        spike_floor: Decimal = Decimal(1),
+    ) -> SpendSummary:
+        """As :func:`tokentop.store.queries.spend_summary`, the same projections."""
+        answers = self.run(self.spend_queries(now, text))
+        return self.fold_spend(answers, now, budget_daily, budget_monthly, spike_floor)
+
+    def spend_series(
+        self, start: datetime, end: datetime, step: int, text: str = ""
+    ) -> list[tuple[datetime, Decimal]]:
+        """Cost per step, oldest first (as :func:`tokentop.store.queries.spend_series`): the
+        increase over each step, evaluated at each step's end."""
+        lo = int(start.timestamp()) // step * step
+        hi = int(end.timestamp())
+        points = list(range(lo, hi, step))
+        if not points:
+            return []
+        promql = counted(COST, ['kind="estimated"'], step, (), text)
+        series = self.client.query_range(
+            promql, from_epoch(lo + step), from_epoch(points[-1] + step), step
+        )
+        values = {t - step: v for s in series for t, v in s.points}
+        return [(from_epoch(t), _usd(values.get(t))) for t in points]
+
+    def unpriced(self, groups: Mapping[tuple[str, ...], Group]) -> dict[str, int]:
+        """Tokens of unpriced models, by ``provider/model`` (from groups by provider, model)."""
+        return {
+            f"{k[0]}/{k[1]}" if k[0] else k[1]: g.totals.unpriced_tokens
+            for k, g in groups.items()
+            if g.totals.unpriced_tokens
+        }
+
+    def total_sources(self, start: datetime, end: datetime) -> dict[str, dict[str, list[str]]]:
+        """Per provider: the sources its totals come from and the metered ones inside them."""
+        s = window_seconds(start, end)
+        rows = self.client.query(
+            f"sum by (provider, source, metered) ({increase(REQUESTS, [], s)}) > 0", end
+        )
+        covered = {r.labels.get("provider", "") for r in rows if r.labels.get("metered") != "true"}
+        out: dict[str, dict[str, list[str]]] = {}
+        for r in sorted(rows, key=lambda r: (r.labels.get("provider", ""), r.labels.get("source"))):
+            provider = r.labels.get("provider", "")
+            entry = out.setdefault(provider, {"counted": [], "metered": []})
+            meter = r.labels.get("metered") == "true"
+            scope = "metered" if meter and provider in covered else "counted"
+            name = r.labels.get("source", "")
+            if name not in entry[scope]:
+                entry[scope].append(name)
+        return out
+
+    # Freshness and health.
+
+    def freshness_queries(self, now: datetime) -> dict[str, Query]:
+        """The newest usage bucket end and the newest sample's time across the fleet."""
+        return {
+            "fresh.usage": ("max(tokentop_usage_newest_timestamp_seconds)", now),
+            "fresh.sample": (f"max(timestamp({SOURCE_UP}))", now),
+        }
+
+    @staticmethod
+    def fold_freshness(
+        answers: Mapping[str, list[Sample]], now: datetime
+    ) -> tuple[datetime | None, datetime | None]:
+        """(newest usage, newest sample), each ``None`` when nothing is there."""
+
+        def value(name: str) -> datetime | None:
+            found = answers.get(name) or []
+            if not found or found[0].value is None:
+                return None
+            return min(from_epoch(float(found[0].value)), now)
+
+        return value("fresh.usage"), value("fresh.sample")
+
+    def source_queries(self, now: datetime) -> dict[str, Query]:
+        """The queries behind :meth:`fold_sources`."""
+        hour = "[1h]"
+        return {
+            "src.up": (f"last_over_time({SOURCE_UP}{hour})", now),
+            "src.last": (
+                f"last_over_time(tokentop_source_last_success_timestamp_seconds{hour})",
+                now,
+            ),
+            "src.interval": (f"last_over_time(tokentop_source_interval_seconds{hour})", now),
+            "src.targets": (
+                f"up == 0 and on (instance, job) last_over_time({SOURCE_UP}{hour})",
+                now,
+            ),
+            **self.freshness_queries(now),
+        }
+
+    def sources(self, now: datetime) -> list[SourceHealth]:
+        """Every tokentop source in the fleet (``name@instance``), the exporters Prometheus
+        cannot reach, and the Prometheus server itself (first)."""
+        began = time.perf_counter()
+        answers = self.run(self.source_queries(now))
+        return self.fold_sources(answers, now, time.perf_counter() - began)
+
+    def fold_sources(
+        self, answers: Mapping[str, list[Sample]], now: datetime, took: float
+    ) -> list[SourceHealth]:
+        """Source health from :meth:`source_queries`' answers (``took``: the queries' time)."""
+
+        def key(s: Sample) -> tuple[str, str]:
+            return (s.labels.get("source", ""), s.labels.get("instance", ""))
+
+        last = {key(s): s.value for s in answers["src.last"]}
+        interval = {key(s): s.value for s in answers["src.interval"]}
+        down = {s.labels.get("instance", "") for s in answers["src.targets"]}
+        out: list[SourceHealth] = []
+        for s in sorted(answers["src.up"], key=key):
+            source, instance = key(s)
+            stamp = last.get((source, instance))
+            every = interval.get((source, instance))
+            unreachable = instance in down
+            ok = s.value == 1 and not unreachable
+            out.append(
+                SourceHealth(
+                    name=f"{source}@{instance}" if instance else source,
+                    kind=s.labels.get("kind", ""),
+                    state="ok" if ok else "error",
+                    last_success=None if stamp is None else from_epoch(float(stamp)),
+                    last_error=""
+                    if ok
+                    else (
+                        f"Prometheus cannot scrape {instance}"
+                        if unreachable
+                        else "failing on its host"
+                    ),
+                    interval_s=None if every is None else float(every),
+                    detail=f"via Prometheus {self.url}",
+                )
+            )
+        _, newest_sample = self.fold_freshness(answers, now)
+        age = "no sample" if newest_sample is None else _age(now, newest_sample)
+        out.insert(
+            0,
+            SourceHealth(
+                name="prometheus",
+                kind="promql",
+                state="ok",
+                last_success=now,
+                lag_s=took,
+                calls=self.client.calls,
+                detail=f"via Prometheus {self.url}; newest sample {age}",
+                newest_data=newest_sample,
+            ),
+        )
+        return out
+
+    # GPUs.
+
+    def gpu_queries(self, start: datetime, end: datetime) -> dict[str, Query]:
+        """tokentop's own GPU and inference figures for a window (GPU samples are not minute
+        buckets: the window is not rounded)."""
+        s = max(0.0, (end - start).total_seconds())
+        gpu_by = "instance, source, gpu, name, mode"
+        ep_by = "instance, source, endpoint, server"
+        q: dict[str, Query] = {
+            "gpu.cost": (f"sum by ({gpu_by}) ({increase(GPU_COST, [], s)})", end),
+            "gpu.idle": (f"sum by ({gpu_by}) ({increase(GPU_IDLE, [], s)})", end),
+            "gpu.seconds": (f"sum by ({gpu_by}) ({increase(GPU_SECONDS, [], s)})", end),
+            "gpu.inferences": (f"sum by ({ep_by}) ({increase(INFERENCES, [], s)})", end),
+            "gpu.tokens": (f"sum by ({ep_by}, kind) ({increase(INFERENCE_TOKENS, [], s)})", end),
+        }
+        # The four gauges in one query (the newest sample within the 5-minute lookback).
+        names = "|".join(_OWN_GAUGES)
+        q["gpu.gauges"] = (f'{{__name__=~"tokentop_gpu_({names})"}}', end)
+        q["gpu.seen"] = ("timestamp(tokentop_gpu_power_watts)", end)
+        return q
+
+    def external_gpu_queries(self, start: datetime, end: datetime) -> dict[str, Query]:
+        """GPU time, idle time and energy from the DCGM exporter, and inferences and tokens
+        from inference servers' own metrics, over a window."""
+        s = max(0.0, (end - start).total_seconds())
+        res = max(15, int(s / 240))
+        key = ", ".join(_DCGM_KEY)
+        rng = f"[{duration(s)}:{res}s]"
+        q: dict[str, Query] = {
+            "ext.seconds": (
+                f"sum by ({key}) (count_over_time(({DCGM_UTIL} >= 0){rng})) * {res}",
+                end,
+            ),
+            "ext.idle": (
+                f"sum by ({key}) (count_over_time(({DCGM_UTIL} == 0){rng})) * {res}",
+                end,
+            ),
+            "ext.energy": (f"sum by ({key}) ({over('increase', DCGM_ENERGY, s)})", end),
+            "ext.gauges": (f'{{__name__=~"{"|".join(_DCGM_GAUGES.values())}"}}', end),
+            "ext.seen": (f"timestamp({DCGM_UTIL})", end),
+        }
+        for figure in ("inferences", "prompt", "generation"):
+            parts = []
+            for server, names in EXTERNAL_SERVERS.items():
+                model = f", {names['model']}" if names["model"] else ""
+                grown = f"sum by (instance{model}) ({over('increase', names[figure], s)})"
+                parts.append(f'label_replace({grown}, "server", "{server}", "", "")')
+            q[f"ext.{figure}"] = (" or ".join(parts), end)
+        return q
+
+    def first_gpu_queries(self, start: datetime, end: datetime) -> dict[str, Query]:
+        """The GPU queries to send first: tokentop's own (and the external ones when
+        ``gpu_metrics`` is ``external``); see :meth:`complete_gpu`."""
+        queries = self.gpu_queries(start, end)
+        if self.gpu_metrics == "external":
+            queries.update(self.external_gpu_queries(start, end))
+        return queries
+
+    def complete_gpu(
+        self, answers: dict[str, list[Sample]], start: datetime, end: datetime
+    ) -> None:
+        """With ``auto``, read the external GPU metrics only when tokentop has none in the
+        window (a second round of queries, for fleets that run the DCGM exporter only)."""
+        if self.gpu_metrics == "auto" and not self._own_gpu(answers):
+            answers.update(self.run(self.external_gpu_queries(start, end)))
+
+    @staticmethod
+    def _own_gpu(answers: Mapping[str, list[Sample]]) -> bool:
+        return bool(answers.get("gpu.seconds")) or bool(answers.get("gpu.inferences"))
+
+    def gpu_overview(self, start: datetime, end: datetime) -> GpuOverview:
+        """As :func:`tokentop.store.queries.gpu_overview`, over the fleet."""
+        answers = self.run(self.first_gpu_queries(start, end))
+        self.complete_gpu(answers, start, end)
+        return self.fold_gpu(answers, start, end)
+
+    def fold_gpu(
+        self, answers: Mapping[str, list[Sample]], start: datetime, end: datetime
+    ) -> GpuOverview:
+        """Turn the GPU queries' answers into a :class:`GpuOverview`."""
+        own = self._own_gpu(answers)
+        use_external = self.gpu_metrics == "external" or (self.gpu_metrics == "auto" and not own)
+        if use_external and "ext.seconds" in answers:
+            return self._external(answers, start, end)
+        if self.gpu_metrics == "external":
+            return GpuOverview()
+        return self._own(answers, start, end)
+
+    def _own(
+        self, answers: Mapping[str, list[Sample]], start: datetime, end: datetime
+    ) -> GpuOverview:
+        def k(s: Sample) -> tuple[str, str, str]:
+            return (
+                s.labels.get("instance", ""),
+                s.labels.get("source", ""),
+                s.labels.get("gpu", ""),
+            )
+
+        cost = {k(s): s for s in answers["gpu.cost"]}
+        idle = {k(s): _usd(s.value) for s in answers["gpu.idle"]}
+        seconds = {k(s): float(s.value or 0) for s in answers["gpu.seconds"]}
+        gauges: dict[str, dict[tuple[str, str, str], Sample]] = {n: {} for n in _OWN_GAUGES}
+        for g in answers["gpu.gauges"]:
+            name = g.labels.get("__name__", "").removeprefix("tokentop_gpu_")
+            if name in gauges:
+                gauges[name][k(g)] = g
+        seen = {k(s): s.value for s in answers["gpu.seen"]}
+        devices = []
+        for i, (key, s) in enumerate(sorted(cost.items())):
+            instance, source, gpu = key
+            util = gauges["utilization_ratio"].get(key)
+            power = gauges["power_watts"].get(key)
+            used = gauges["memory_used_bytes"].get(key)
+            total = gauges["memory_total_bytes"].get(key)
+            secs = seconds.get(key, 0.0)
+            c = _usd(s.value)
+            devices.append(
+                GpuDevice(
+                    source=f"{source}@{instance}" if instance else source,
+                    device=gpu,
+                    name=s.labels.get("name", ""),
+                    index=i,
+                    cost=c,
+                    idle_cost=idle.get(key, Decimal(0)),
+                    seconds=secs,
+                    util_pct=None
+                    if util is None or util.value is None
+                    else float(util.value) * 100,
+                    power_w=None if power is None or power.value is None else float(power.value),
+                    mem_used_bytes=None if used is None else _count(used.value),
+                    mem_total_bytes=None if total is None else _count(total.value),
+                    temp_c=None,
+                    usd_per_hour=c * 3600 / Decimal(str(secs)) if secs > 0 else None,
+                    last_seen=_when(seen.get(key)),
+                    cost_ref=f"{s.labels.get('mode', '')} (exported by tokentop)",
+                )
+            )
+        endpoints = self._endpoints(
+            answers["gpu.inferences"],
+            answers["gpu.tokens"],
+            max(0.0, (end - start).total_seconds()),
+            label="endpoint",
+        )
+        return _overview(devices, endpoints, end)
+
+    def _endpoints(
+        self,
+        inferences: list[Sample],
+        tokens: list[Sample] | None,
+        seconds: float,
+        *,
+        label: str,
+        prompt: list[Sample] | None = None,
+        generation: list[Sample] | None = None,
+    ) -> list[Endpoint]:
+        def k(s: Sample) -> tuple[str, str, str]:
+            return (
+                s.labels.get("instance", ""),
+                s.labels.get(label, "") or s.labels.get("model_name", ""),
+                s.labels.get("server", ""),
+            )
+
+        tok: dict[tuple[str, str, str], dict[str, int]] = {}
+        for s in tokens or []:
+            tok.setdefault(k(s), {})[s.labels.get("kind", "")] = _count(s.value)
+        for kind, found in (("prompt", prompt), ("generation", generation)):
+            for s in found or []:
+                tok.setdefault(k(s), {})[kind] = _count(s.value)
+        out = []
+        for s in sorted(inferences, key=k):
+            instance, name, server = k(s)
+            t = tok.get(k(s), {})
+            out.append(
+                Endpoint(
+                    source=s.labels.get("source", "") or instance,
+                    endpoint=f"{name}@{instance}" if instance and name else (name or instance),
+                    kind=server,
+                    requests=_count(s.value),
+                    prompt_tokens=t.get("prompt", 0),
+                    generation_tokens=t.get("generation", 0),
+                    seconds=seconds,
+                )
+            )
+        return out
+
+    def _external(
+        self, answers: Mapping[str, list[Sample]], start: datetime, end: datetime
+    ) -> GpuOverview:
+        def k(s: Sample) -> tuple[str, ...]:
+            return tuple(s.labels.get(x, "") for x in _DCGM_KEY)
+
+        idle = {k(s): s.value or Decimal(0) for s in answers["ext.idle"]}
+        seen = {k(s): s.value for s in answers["ext.seen"]}
+        energy = {k(s): s.value or Decimal(0) for s in answers["ext.energy"]}
+        gauges: dict[str, dict[tuple[str, ...], Sample]] = {n: {} for n in _DCGM_GAUGES}
+        metric = {v: n for n, v in _DCGM_GAUGES.items()}
+        for g in answers["ext.gauges"]:
+            name = metric.get(g.labels.get("__name__", ""), "")
+            if name:
+                gauges[name][k(g)] = g
+        devices = []
+        for i, s in enumerate(sorted(answers["ext.seconds"], key=k)):
+            key = k(s)
+            labels = dict(zip(_DCGM_KEY, key, strict=True))
+            name = labels["modelName"]
+            secs = s.value or Decimal(0)
+            mj = _count(energy.get(key))
+            priced = self.gpu_costs.interval_cost(name, secs, mj)
+            idle_share = idle.get(key, Decimal(0)) / secs if secs else Decimal(0)
+            util = gauges["util"].get(key)
+            power = gauges["power"].get(key)
+            used = gauges["used"].get(key)
+            free = gauges["free"].get(key)
+            mib = 1024 * 1024
+            host = labels["Hostname"] or labels["hostname"] or labels["instance"]
+            devices.append(
+                GpuDevice(
+                    source=f"dcgm@{host}",
+                    device=labels["UUID"] or labels["uuid"] or labels["gpu"],
+                    name=name,
+                    index=int(labels["gpu"]) if labels["gpu"].isdigit() else i,
+                    cost=_usd(priced.cost),
+                    idle_cost=_usd(priced.cost * idle_share),
+                    seconds=float(secs),
+                    util_pct=None if util is None or util.value is None else float(util.value),
+                    power_w=None if power is None or power.value is None else float(power.value),
+                    mem_used_bytes=None if used is None else _count(used.value) * mib,
+                    mem_total_bytes=None
+                    if used is None or free is None
+                    else (_count(used.value) + _count(free.value)) * mib,
+                    temp_c=None,
+                    usd_per_hour=priced.rate.usd_per_hour
+                    if priced.rate.mode == "rented"
+                    else (priced.cost * 3600 / secs if secs else None),
+                    last_seen=_when(seen.get(key)),
+                    cost_ref=f"{priced.rate.mode} ${priced.rate.usd_per_hour}/GPU-h"
+                    f" ({priced.rate.source}){'; estimated' if priced.estimated else ''}",
+                )
+            )
+        endpoints = self._endpoints(
+            answers["ext.inferences"],
+            None,
+            max(0.0, (end - start).total_seconds()),
+            label="model_name",
+            prompt=answers["ext.prompt"],
+            generation=answers["ext.generation"],
+        )
+        return _overview(devices, endpoints, end)
+
+    def gpu_series(
+        self, start: datetime, end: datetime, step: int
+    ) -> list[tuple[datetime, Decimal | None]]:
+        """$/inference per step (``None`` where nothing was served), from tokentop's metrics."""
+        lo = int(start.timestamp()) // step * step
+        points = list(range(lo, int(end.timestamp()), step))
+        if not points:
+            return []
+        a, b = from_epoch(lo + step), from_epoch(points[-1] + step)
+        cost = self.client.query_range(f"sum({increase(GPU_COST, [], step)})", a, b, step)
+        reqs = self.client.query_range(f"sum({increase(INFERENCES, [], step)})", a, b, step)
+        c = {t - step: v for s in cost for t, v in s.points}
+        r = {t - step: v for s in reqs for t, v in s.points}
+        out: list[tuple[datetime, Decimal | None]] = []
+        for t in points:
+            n = _count(r.get(t))
+            out.append((from_epoch(t), _usd(c.get(t)) / n if n and t in c else None))
+        return out
+
+
+def add_totals(parts: Iterable[Totals]) -> Totals:
+    """The sum of some groups' totals (every usage row is in exactly one group)."""
+    out = Totals()
+    for t in parts:
+        out = Totals(*(getattr(out, f) + getattr(t, f) for f in Totals.__slots__))
+    return out
+
+
+def _when(value: Decimal | None) -> datetime | None:
+    return None if value is None else from_epoch(float(value))
+
+
+def _overview(devices: list[GpuDevice], endpoints: list[Endpoint], end: datetime) -> GpuOverview:
+    newest = max((d.last_seen for d in devices if d.last_seen), default=None)
+    return GpuOverview(
+        devices=devices,
+        endpoints=endpoints,
+        cost=sum((d.cost for d in devices), Decimal(0)),
+        idle_cost=sum((d.idle_cost for d in devices), Decimal(0)),
+        inferences=sum(e.requests for e in endpoints),
+        prompt_tokens=sum(e.prompt_tokens for e in endpoints),
+        generation_tokens=sum(e.generation_tokens for e in endpoints),
+        newest=None if newest is None else min(newest, end),
+    )
+
+
+def _age(now: datetime, then: datetime) -> str:
+    seconds = max(0.0, (now - then).total_seconds())
+    if seconds < 120:
+        return f"{seconds:.0f}s old"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m old"
+    return f"{seconds / 3600:.1f}h old"
+
+
+def _iso(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat()
+
+
+def _usd_json(value: Decimal | None) -> float | None:
+    return None if value is None else float(round(value, 9))
+
+
+NOT_AVAILABLE = (
+    "billed_usd",
+    "by_provider",
+    "not_billed_yet",
+    "billed_days",
+    "prices.refs",
+    "prices.by_ref",
+)
+"""Report fields a Prometheus source cannot fill (each host's billing and price references stay
+in its own database): ``None`` or empty, and listed in the report's ``not_available``."""
+
+
+def prometheus_report(
+    source: PromSource,
+    start: datetime,
+    now: datetime,
+    gpu_rates: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """The report of ``[start, now]`` over Prometheus, in the shape of
+    :func:`tokentop.store.report.build_report` (the fields it can know; see
+    :data:`NOT_AVAILABLE`)."""
+    end = now + timedelta(seconds=1)
+    queries: dict[str, Query] = {
+        **source.group_queries("metered.", start, now, (), scope="metered"),
+        **source.group_queries("model.", start, now, ("provider", "model")),
+        **source.first_gpu_queries(start, now),
+        **source.freshness_queries(now),
+    }
+    answers = source.run(queries)
+    source.complete_gpu(answers, start, now)
+    metered = source.fold(answers, "metered.", ()).get((), Group(Totals(), True)).totals
+    by_model = source.fold(answers, "model.", ("provider", "model"))
+    total = add_totals(g.totals for g in by_model.values())
+    gpu = source.fold_gpu(answers, start, now)
+    newest_usage, newest_sample = source.fold_freshness(answers, now)
+    sources = source.sources(now)
+    rows = sorted(
+        by_model.items(), key=lambda kv: (-kv[1].totals.cost, -kv[1].totals.requests, kv[0][1])
+    )
+    return {
+        "tokentop": {
+            "report_version": 1,
+            "generated_at": now.isoformat(),
+            "label": "",
+            "demo": bool(sources[1:]) and all(s.kind == "demo" for s in sources[1:]),
+            "database": None,
+            "prometheus": source.url,
+        },
+        "window": {"start": start.isoformat(), "end": end.isoformat()},
+        "via": f"Prometheus {source.url}",
+        "not_available": list(NOT_AVAILABLE),
+        "total_usd": _usd_json(total.cost),
+        "billed_usd": None,
+        "requests": total.requests,
+        "cost_per_request_usd": _usd_json(total.cost_per_request),
+        "cost_per_request_excludes_unpriced_requests": total.unpriced_requests,
+        "input_tokens": total.input_total,
+        "cached_input_tokens": total.cache_read,
+        "cache_write_tokens": total.cache_write,
+        "output_tokens": total.output,
+        "of_which_metered": {
+            "usd": _usd_json(metered.cost),
+            "requests": metered.requests,
+            "input_tokens": metered.input_total,
+            "output_tokens": metered.output,
+        },
+        "total_sources": source.total_sources(start, now),
+        "by_model": [
+            {
+                "provider": k[0],
+                "model": k[1],
+                "requests": g.totals.requests,
+                "input_tokens": g.totals.input_total,
+                "cached_input_tokens": g.totals.cache_read,
+                "cache_write_tokens": g.totals.cache_write,
+                "output_tokens": g.totals.output,
+                "cost_usd": _usd_json(g.totals.cost) if g.priced else None,
+                "cost_per_request_usd": _usd_json(g.totals.cost_per_request) if g.priced else None,
+                "priced": g.priced,
+            }
+            for k, g in rows
+        ],
+        "unpriced": source.unpriced(by_model),
+        "by_provider": [],
+        "not_billed_yet": [],
+        "billed_days": [],
+        "gpu": {
+            "cost_usd": _usd_json(gpu.cost),
+            "inferences": gpu.inferences,
+            "cost_per_inference_usd": _usd_json(gpu.cost_per_inference),
+            "cost_per_1m_tokens_usd": _usd_json(gpu.cost_per_1m_tokens),
+            "idle_cost_usd": _usd_json(gpu.idle_cost),
+            "prompt_tokens": gpu.prompt_tokens,
+            "generation_tokens": gpu.generation_tokens,
+            "devices": [
+                {
+                    "source": d.source,
+                    "device": d.device,
+                    "name": d.name,
+                    "index": d.index,
+                    "cost_usd": _usd_json(d.cost),
+                    "idle_cost_usd": _usd_json(d.idle_cost),
+                    "seconds": round(d.seconds, 3),
+                    "util_pct": d.util_pct,
+                    "power_w": d.power_w,
+                    "usd_per_hour": _usd_json(d.usd_per_hour),
+                    "last_seen": _iso(d.last_seen),
+                    "cost_basis": d.cost_ref,
+                }
+                for d in gpu.devices
+            ],
+            "endpoints": [
+                {
+                    "source": e.source,
+                    "endpoint": e.endpoint,
+                    "kind": e.kind,
+                    "inferences": e.requests,
+                    "prompt_tokens": e.prompt_tokens,
+                    "generation_tokens": e.generation_tokens,
+                    "inferences_per_s": None if e.per_second is None else round(e.per_second, 4),
+                }
+                for e in gpu.endpoints
+            ],
+            "rates": gpu_rates or [],
+        },
+        "sources": [
+            {
+                "name": s.name,
+                "kind": s.kind,
+                "state": s.shown_state(now),
+                "stale": s.stale(now),
+                "age_s": None if s.last_success is None else round(s.age_s(now) or 0.0, 1),
+                "interval_s": s.interval_s,
+                "last_success": _iso(s.last_success),
+                "last_error": s.last_error,
+                "last_error_at": _iso(s.last_error_at),
+                "lag_s": None if s.lag_s is None else round(s.lag_s, 1),
+                "calls_last_hour": s.calls_last_hour,
+                "newest_data": _iso(s.newest_data),
+            }
+            for s in sources
+        ],
+        "freshness": {
+            "newest_usage": _iso(newest_usage),
+            "usage_age_s": None
+            if newest_usage is None
+            else round((now - newest_usage).total_seconds(), 1),
+            "newest_gpu": _iso(gpu.newest),
+            "newest_sample": _iso(newest_sample),
+            "sample_age_s": None
+            if newest_sample is None
+            else round((now - newest_sample).total_seconds(), 1),
+        },
+        "prices": {
+            "source": "each host's own price book",
+            "version": "n/a (via Prometheus)",
+            "online_updates": False,
+            "overrides": [],
+            "refs": [],
+            "by_ref": [],
+            "flagged": [],
+        },
+    }
