@@ -2,7 +2,9 @@
 
 One writer process and any number of readers share a file in WAL mode. Every batch is written in
 one transaction. A usage bucket's dimensions (source, provider, model, project, ...) are stored
-once, as a row of the small ``series`` table; ``usage`` is keyed on ``(start, series_id, width)``.
+once, as a row of the small ``series`` table, and its price reference once in ``price``;
+``usage`` is keyed on ``(start, origin_id, series_id, width)`` (the origin, a function of the
+series, clusters each minute's buckets by source and provider).
 A poll that says it re-read a window (:class:`~tokentop.store.records.UsageWindow`) replaces that
 window, so re-polling never counts twice. Usage is rolled up by hour and by UTC day, GPU and
 inference samples by hour, all kept in step on every write, so that long windows are summed from a
@@ -15,9 +17,15 @@ over every series reads as many rows whether the organisation has 40 series or 4
   for the Model mix and cost by model;
 - ``usage_total*``: per *origin* (a source at a provider), for totals, burn rates and the spend
   chart. An origin is the unit the "counted" scope decides on (a metered provider that an admin
-  source covers), so the scopes still apply to these totals;
+  source covers), so the scopes still apply to these totals, decided when they are read;
 - ``usage_group_hour`` and ``usage_group_day``: per project, API key and tag (and origin), for
   the grouped tables over long windows.
+
+They keep priced and unpriced usage in one row (:data:`SUMMED`: the unpriced tokens and requests
+counted apart). A write that only adds buckets where its source had none (a backfill, a new
+minute) adds their sums, taken in the loop that builds the rows, into the two rollups read
+straight from ``usage`` (per series and hour, per stream and start); any other write recomputes
+those over the hours it touched. Every other rollup is recomputed from those two.
 
 Retention (:mod:`tokentop.store.retention`) folds one-minute buckets older than a horizon into one
 bucket per series and hour (then hours into UTC days) *in* ``usage`` itself: a folded bucket

@@ -32,6 +32,7 @@ from tokentop.store.db import (
     Store,
 )
 from tokentop.store.filters import filter_sql
+from tokentop.store.records import GROUPS as records_groups
 from tokentop.store.records import (
     SourceHealth,
     from_epoch,
@@ -49,8 +50,7 @@ _USAGE_COLUMNS = ", ".join(
 )
 """What :func:`usage_rows` exposes: a usage row with its series' columns."""
 _USAGE_TABLES = {"fine": "usage", "hour": "usage_hour", "day": "usage_day"}
-GROUPS = ("model", "project", "api_key", "tag")
-"""Dimensions the Cost per query pane can group by."""
+GROUPS = records_groups  # re-exported: panes and the CLI name them from here
 
 
 def _parts(

@@ -26,6 +26,9 @@ USAGE_DIMENSIONS: tuple[str, ...] = (
 An absent dimension is stored as ``""`` (never NULL) so that it takes part in the unique key.
 """
 
+GROUPS: tuple[str, ...] = ("model", "project", "api_key", "tag")
+"""Dimensions the Cost per query pane, ``report`` and ``export`` can group by."""
+
 TOKEN_KINDS: tuple[str, ...] = (
     "input_uncached",
     "cache_read",

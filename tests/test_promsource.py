@@ -216,8 +216,9 @@ def test_report_shape_matches_the_local_report(tmp_path: Path) -> None:
     finally:
         source.close()
     # ``view`` and ``by_group`` (the TUI's filter, grouping and sort, exported with the screen)
-    # are the newest fields of the local report; the Prometheus report has not caught up yet.
-    assert set(local) - set(remote) <= {"view", "by_group"}
+    # and ``resolution`` (what retention left of the window's start) are the newest fields of
+    # the local report; the Prometheus report has not caught up yet.
+    assert set(local) - set(remote) <= {"view", "by_group", "resolution"}
     assert set(local["gpu"]) <= set(remote["gpu"])
     assert set(local["freshness"]) <= set(remote["freshness"])
     assert remote["total_usd"] == 0.0 and remote["requests"] == 0

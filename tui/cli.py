@@ -138,7 +138,7 @@ def _sort(value: str) -> tuple[str, bool]:
 
 def _view_options(parser: argparse.ArgumentParser) -> None:
     """The view of the TUI, for ``report`` and ``export``: the same rows as the screen."""
-    from tokentop.store.queries import GROUPS
+    from tokentop.store.records import GROUPS
 
     parser.add_argument(
         "--until", metavar="ISO", help="window end, an ISO timestamp (default: now)"

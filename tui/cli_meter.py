@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import signal
 import sys
@@ -163,6 +162,7 @@ def _proxy(ctx: Any) -> int:
     # The recorder thread parses and prices in short slices; a short switch interval keeps it
     # from holding the GIL for long while the event loop has a response to relay.
     sys.setswitchinterval(0.001)
+    import asyncio  # here, not at the top: `tokentop status` must start fast
 
     async def main() -> None:
         loop = asyncio.get_running_loop()

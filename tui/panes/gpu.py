@@ -165,7 +165,9 @@ class GpuPane(Pane):
                 width,
             )
         update_static(self.query_one("#gpu-lines", Static), Content("\n").join(lines))
-        points = [float(v) for v in snapshot.gpu_series if v is not None]
+        # Whole steps only: the newest one is still filling (a partial minute's $/inference is
+        # noise), and leaving it out keeps the trend from repainting every second.
+        points = [float(v) for v in snapshot.gpu_series[:-1] if v is not None]
         spark = self.query_one(Sparkline)
         spark.display = len(points) > 1
         spark.data = points

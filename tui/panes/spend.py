@@ -233,13 +233,13 @@ class SpendPane(Pane):
         # The window's total first: it is the figure an export of this screen records.
         caption = Content.assemble(
             ("window ", muted),
-            (fmt.usd(totals.cost), "bold"),
+            (usd(totals.cost), "bold"),  # unknown, not $0, before anything was recorded
             " ",
-            fmt.count(totals.requests),
+            fmt.count(totals.requests) if known else fmt.MISSING,
             (" req", muted),
         )
         peak_text = Content.assemble(
-            ("  peak ", muted), fmt.usd(peak), (f"/{_step_name(snapshot.series_step)}", muted)
+            ("  peak ", muted), usd(peak), (f"/{_step_name(snapshot.series_step)}", muted)
         )
         # Lines left out for want of height: say so, and that z shows them (before the peak).
         more = Content.styled(f"  +{hidden} lines: z", "$warning")

@@ -49,13 +49,29 @@ class TimeChart(Widget):
 
     COMPONENT_CLASSES: ClassVar[set[str]] = {"timechart--bar", "timechart--base"}
 
-    data: reactive[tuple[float | None, ...]] = reactive(tuple, layout=False)
-    """The series, oldest first."""
+    data: reactive[tuple[float | None, ...]] = reactive(tuple, layout=False, repaint=False)
+    """The series, oldest first. A new series repaints the chart only when it draws
+    differently (a live minute that grows by a cent mostly does not)."""
 
     def __init__(self, *, id: str | None = None) -> None:
         super().__init__(id=id)
         self._rendered_key: object = None
         self._rendered: Content | None = None
+        self._drawn: tuple[int | None, ...] | None = None
+
+    def watch_data(self) -> None:
+        if self._levels(self.size.width, max(1, self.size.height)) != self._drawn:
+            self.refresh()
+
+    def _levels(self, width: int, height: int) -> tuple[int | None, ...]:
+        """Eighths of a cell filled in each column (``None``: a gap), as drawn."""
+        cols = self.columns(width)
+        peak = max((v for v in cols if v is not None), default=0.0)
+        # Any spend at all gets at least the lowest block, so it never reads as zero.
+        return tuple(
+            None if v is None else (max(1, round(v / peak * height * 8)) if v > 0 else 0)
+            for v in cols
+        )
 
     def columns(self, width: int) -> list[float | None]:
         """The values drawn in each of ``width`` columns (right-aligned when stretched)."""
@@ -67,17 +83,12 @@ class TimeChart(Widget):
 
     def render(self) -> Content:
         width, height = self.size.width, max(1, self.size.height)
-        key = (width, height, self.data, self.app.theme)
+        levels = self._levels(width, height)
+        self._drawn = levels
+        key = (width, height, levels, self.app.theme)
         if key == self._rendered_key and self._rendered is not None:
             return self._rendered  # a repaint of the screen around it: nothing to redo
-        cols = self.columns(width)
-        peak = max((v for v in cols if v is not None), default=0.0)
-        pad = width - len(cols)
-        # Any spend at all gets at least the lowest block, so it never reads as zero.
-        levels = [
-            None if v is None else (max(1, round(v / peak * height * 8)) if v > 0 else 0)
-            for v in cols
-        ]
+        pad = width - len(levels)
         lines = []
         for row in range(height - 1, -1, -1):
             # One span per run of the same style (not one per cell): cheap to build and paint.

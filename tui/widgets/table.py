@@ -79,7 +79,6 @@ class ThemedTable(Widget, can_focus=True):
         color: $foreground;
         height: auto;
     }
-    ThemedTable:focus { background-tint: $foreground 5%; }
     ThemedTable > .table--header { text-style: bold; background: $panel; color: $foreground; }
     ThemedTable > .table--even { background: $surface-lighten-1 50%; }
     ThemedTable:dark > .table--even { background: $surface-darken-1 40%; }
