@@ -335,34 +335,44 @@ Table = dict[str, dict[str, Timing]]
 """Timings by query name, then by window name."""
 
 
-def bench_queries(store: Store, now: datetime, reps: int, label: str = "") -> Table:
-    """Print the p50/p95 table of every pane query per window, and the verdicts."""
-    table: Table = {}
+def time_queries(stores: Sequence[tuple[Store, datetime]], reps: int) -> list[Table]:
+    """Time every pane query of every window on each store, the stores taking turns run by
+    run (so that another process's noise hits them alike), after one warm-up run each."""
+    tables: list[Table] = [{} for _ in stores]
     for wname, window in WINDOWS.items():
-        calls = pane_queries(store, now, window)
-        snapshot = _snapshot_refresh(store, now, wname)
-        for _, call in calls:  # warm the page cache and the statement cache
-            call()
-        runs: dict[str, list[float]] = {name: [] for name, _ in calls}
-        runs["full refresh (sum)"] = []
-        runs["tui build_snapshot"] = []
+        plans = []
+        for store, now in stores:
+            calls = pane_queries(store, now, window)
+            for _, call in calls:  # warm the page cache and the statement cache
+                call()
+            runs: dict[str, list[float]] = {name: [] for name, _ in calls}
+            runs["full refresh (sum)"] = []
+            runs["tui build_snapshot"] = []
+            plans.append((calls, _snapshot_refresh(store, now, wname), runs))
         gc.collect()
         for _ in range(reps):
-            total = 0.0
-            for name, call in calls:
-                began = time.perf_counter()
-                call()
-                ms = (time.perf_counter() - began) * 1000
-                runs[name].append(ms)
-                total += ms
-            runs["full refresh (sum)"].append(total)
-            if snapshot is not None:
-                began = time.perf_counter()
-                snapshot()
-                runs["tui build_snapshot"].append((time.perf_counter() - began) * 1000)
-        for name, values in runs.items():
-            if values:
-                table.setdefault(name, {})[wname] = Timing(values)
+            for calls, snapshot, runs in plans:
+                total = 0.0
+                for name, call in calls:
+                    began = time.perf_counter()
+                    call()
+                    ms = (time.perf_counter() - began) * 1000
+                    runs[name].append(ms)
+                    total += ms
+                runs["full refresh (sum)"].append(total)
+                if snapshot is not None:
+                    began = time.perf_counter()
+                    snapshot()
+                    runs["tui build_snapshot"].append((time.perf_counter() - began) * 1000)
+        for table, (_calls, _snapshot, runs) in zip(tables, plans, strict=True):
+            for name, values in runs.items():
+                if values:
+                    table.setdefault(name, {})[wname] = Timing(values)
+    return tables
+
+
+def print_queries(table: Table, now: datetime, reps: int, label: str = "") -> None:
+    """Print the p50/p95 table of every pane query per window, and the verdicts."""
     print(f"\nPane refresh queries{label}: ms p50/p95 over {reps} runs, now = {now.isoformat()}")
     print(f"  {'query':22s}" + "".join(f"{w:>14s}" for w in WINDOWS))
     for name, by_window in table.items():
@@ -393,13 +403,23 @@ def bench_queries(store: Store, now: datetime, reps: int, label: str = "") -> Ta
         f"{'PASS' if slowest[0] <= REFRESH_TARGET_MS else 'FAIL'} "
         f"(slowest: {slowest[1]} at {slowest[2]}, {slowest[0]:.1f} ms)"
     )
+
+
+def bench_queries(store: Store, now: datetime, reps: int, label: str = "") -> Table:
+    """Time and print every pane query of one store (see :func:`time_queries`)."""
+    (table,) = time_queries([(store, now)], reps)
+    print_queries(table, now, reps, label)
     return table
 
 
 def compare_queries(base: Table, scaled: Table, b: int, n: int) -> None:
-    """Print p95 at ``b`` and ``n`` series side by side, with ratios, and the verdicts."""
-    print(f"\nSide by side: p95 ms at {b} / {n} series (ratio {n}/{b}), same run")
-    print(f"  {'query':22s}" + "".join(f"{w:>22s}" for w in WINDOWS))
+    """Print p50 and p95 at ``b`` and ``n`` series side by side, with ratios, and the verdicts.
+
+    The ratio target is judged on p50: the spend queries take a fraction of a millisecond, so
+    their p95 is the scheduler's (a 0.1 ms query that waited 4 ms for a core once in twenty
+    runs), not the query's; p95 is shown beside it, and the 50 ms target uses it."""
+    print(f"\nSide by side: ms at {b} / {n} series, p50 (ratio) and p95, timed in turns")
+    print(f"  {'query':20s}" + "".join(f"{w:>27s}" for w in WINDOWS))
     worst: dict[str, float] = {}
     for name in COMPARED:
         if name not in base or name not in scaled:
@@ -410,15 +430,16 @@ def compare_queries(base: Table, scaled: Table, b: int, n: int) -> None:
             if x is None or y is None:
                 cells.append("-")
                 continue
-            ratio = y.pct(0.95) / max(x.pct(0.95), 1e-9)
+            ratio = y.pct(0.5) / max(x.pct(0.5), 1e-9)
             worst[name] = max(worst.get(name, 0.0), ratio)
-            cells.append(f"{x.pct(0.95):.1f} / {y.pct(0.95):.1f} ({ratio:.2f})")
-        print(f"  {name:22s}" + "".join(f"{c:>22s}" for c in cells))
+            p95 = f"{x.pct(0.95):.0f}/{y.pct(0.95):.0f}"
+            cells.append(f"{x.pct(0.5):.1f}/{y.pct(0.5):.1f} ({ratio:.2f}) {p95}")
+        print(f"  {name:20s}" + "".join(f"{c:>27s}" for c in cells))
     spend = [worst[q] for q in SPEND_QUERIES if q in worst]
     if spend:
         verdict = "PASS" if max(spend) <= RATIO_TARGET else "FAIL"
         print(
-            f"  spend queries p95 ratio {n}/{b} <= {RATIO_TARGET}: {verdict}"
+            f"  spend queries p50 ratio {n}/{b} <= {RATIO_TARGET}, every window: {verdict}"
             f" (worst {max(spend):.2f})"
         )
     tui = scaled.get("tui build_snapshot")
@@ -583,15 +604,23 @@ def main(argv: list[str] | None = None) -> int:
                     f"  write_batch share of plain raw at {counts[0]} / {counts[1]} series:"
                     f" {shares[0]:.0%} / {shares[1]:.0%}"
                 )
-        tables: list[Table] = []
         if not args.no_queries:
-            for n in counts:
-                print()
-                path = _dataset(args, Path(tmp), args.days, n)
-                with Store(path, readonly=True) as store:
-                    info = dataset_info(store) or {}
-                    end = datetime.fromisoformat(str(info.get("end", DEFAULT_END.isoformat())))
-                    tables.append(bench_queries(store, end, args.reps, f", {n} series"))
+            print()
+            paths = [_dataset(args, Path(tmp), args.days, n) for n in counts]
+            stores = [Store(path, readonly=True) for path in paths]
+            try:
+                ends = [
+                    datetime.fromisoformat(
+                        str((dataset_info(st) or {}).get("end", DEFAULT_END.isoformat()))
+                    )
+                    for st in stores
+                ]
+                tables = time_queries(list(zip(stores, ends, strict=True)), args.reps)
+            finally:
+                for st in stores:
+                    st.close()
+            for n, end, table in zip(counts, ends, tables, strict=True):
+                print_queries(table, end, args.reps, f", {n} series")
             if len(tables) > 1:
                 compare_queries(tables[0], tables[1], *counts)
         if len(counts) > 1 and args.size_days:

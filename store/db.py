@@ -13,8 +13,8 @@ few thousand rows instead of millions.
 Totals over series are rolled up too, per bucket start, hour and UTC day, so that a figure summed
 over every series reads as many rows whether the organisation has 40 series or 4,000:
 
-- ``usage_model*``: per *stream* (a source's model at a provider: ``stream`` and ``origin`` ids),
-  for the Model mix and cost by model;
+- ``usage_model_hour`` and ``usage_model_day``: per *stream* (a source's model at a provider:
+  ``stream`` and ``origin`` ids), for the Model mix and cost by model over long windows;
 - ``usage_total*``: per *origin* (a source at a provider), for totals, burn rates and the spend
   chart. An origin is the unit the "counted" scope decides on (a metered provider that an admin
   source covers), so the scopes still apply to these totals, decided when they are read;
@@ -24,7 +24,7 @@ over every series reads as many rows whether the organisation has 40 series or 4
 They keep priced and unpriced usage in one row (:data:`SUMMED`: the unpriced tokens and requests
 counted apart). A write that only adds buckets where its source had none (a backfill, a new
 minute) adds their sums, taken in the loop that builds the rows, into the two rollups read
-straight from ``usage`` (per series and hour, per stream and start); any other write recomputes
+straight from ``usage`` (per series and hour, per origin and start); any other write recomputes
 those over the hours it touched. Every other rollup is recomputed from those two.
 
 Retention (:mod:`tokentop.store.retention`) folds one-minute buckets older than a horizon into one
@@ -227,7 +227,6 @@ CREATE TABLE IF NOT EXISTS usage (
 ) WITHOUT ROWID;
 {_usage_rollup_ddl("usage_hour")}
 {_usage_rollup_ddl("usage_day")}
-{_summed_ddl("usage_model", "origin_id", "stream_id")}
 {_summed_ddl("usage_total", "origin_id")}
 {_summed_ddl("usage_total_hour", "origin_id")}
 {_summed_ddl("usage_total_day", "origin_id")}
@@ -526,6 +525,9 @@ class Store:
             for statement in WITHOUT_ROWID_SCHEMA.split(";"):
                 if statement.strip():
                     conn.execute(statement)
+            # Early version 3 files kept a per-stream rollup at bucket resolution; the
+            # rollups summed over series are now read from ``usage`` itself.
+            conn.execute("DROP TABLE IF EXISTS usage_model")
             if legacy:
                 _migrate_v1_usage(conn)
             if v2:
@@ -698,7 +700,7 @@ class Store:
             rows, sums = self._usage_rows(conn, batch.usage)
             if minutes and min(r[0] for r in rows) < minutes:
                 rows = self._settled_rows(conn, rows, minutes, hours)
-                sums = _sums(rows, self._origins)
+                sums = _sums(rows)
             spans = self._spans(rows)
             for source, (lo, hi, n) in spans.items():
                 touch(source, lo, hi)
@@ -734,7 +736,7 @@ class Store:
             if fresh:
                 if len(fresh) < len(spans):
                     fresh_rows = [r for r in rows if self._origin_sources[r[1]] in fresh]
-                    sums = _sums(fresh_rows, self._origins)
+                    sums = _sums(fresh_rows)
                 _add_sums(conn, sums)
         for source, (lo, hi) in touched.items():
             _refresh_usage_rollups(conn, source, lo, hi, appended=source in fresh)
@@ -743,7 +745,7 @@ class Store:
         self, conn: sqlite3.Connection, usage: Sequence[UsageBucket]
     ) -> tuple[list[tuple[Any, ...]], _Sums]:
         """The ``usage`` rows of some buckets (:data:`_USAGE_INSERT`'s columns), ids assigned,
-        and their sums per series and hour and per stream and start (see :func:`_add_sums`).
+        and their sums per series and hour and per origin and start (see :func:`_add_sums`).
 
         This loop is most of the Python time of an ingest: one C call per group of columns,
         cached ids and times, ``priced`` bound as an int (binding a bool goes through sqlite3's
@@ -758,7 +760,7 @@ class Store:
         rows: list[tuple[Any, ...]] = []
         add = rows.append
         hours: dict[tuple[int, int, int], list[int]] = {}
-        starts: dict[tuple[int, int, int], list[int]] = {}
+        starts: dict[tuple[int, int], list[int]] = {}
         for b in usage:
             key = _BUCKET_KEY(b)
             sid = get_series(key)
@@ -774,7 +776,7 @@ class Store:
             pid = get_price(ref)
             if pid is None:
                 pid = self._price_id(conn, ref)
-            origin, stream = get_ids(sid)
+            origin = get_ids(sid)[0]
             v = _BUCKET_VALUES(b)  # width, then the eight sums
             priced = b.priced + 0
             add((s, origin, sid, *v, priced, pid))
@@ -791,9 +793,9 @@ class Store:
                 a[5] += v[6]
                 a[6] += v[7]
                 a[7] += v[8]
-            t = starts.get((s, origin, stream))
+            t = starts.get((s, origin))
             if t is None:
-                t = starts[(s, origin, stream)] = [0] * 10
+                t = starts[(s, origin)] = [0] * 10
             t[0] += v[1]
             t[1] += v[2]
             t[2] += v[3]
@@ -1177,27 +1179,16 @@ _STEPS: tuple[_Step, ...] = (
     _Step("usage_hour", HOUR, "series_id", "usage AS x", "series_id", *_PER_SERIES),
     _Step("usage_day", DAY, "series_id", "usage_hour AS x", "series_id", *_PER_SERIES),
     _Step(
-        "usage_model",
-        0,
-        "origin_id",
-        f"usage AS x {_WITH_SERIES}",
-        "origin_id",
-        ("origin_id", "stream_id"),
-        ("x.origin_id", "s.stream_id"),
-        SUMMED,
-        _BY_PRICED,
-    ),
-    _Step(
         "usage_total",
         0,
         "origin_id",
-        "usage_model AS x",
+        "usage AS x",
         "origin_id",
         ("origin_id",),
         ("x.origin_id",),
         SUMMED,
-        _AS_SUMMED,
-        ordered=True,  # usage_model is clustered on (start, origin_id): no sort, no join
+        _BY_PRICED,
+        ordered=True,  # usage is clustered on (start, origin_id): no sort, no join
     ),
     _Step(
         "usage_model_hour",
@@ -1271,10 +1262,9 @@ _STEPS: tuple[_Step, ...] = (
     ),
 )
 """Every usage rollup, each after those it is summed from. Per series: hours from the buckets,
-days from hours. Per stream: the buckets' own starts (from the buckets), and hours and days
-(from the series' hours). Per origin: the same, from the streams'. Per group: hours from the
-series' hours, days from those."""
-_FROM_BUCKETS = frozenset(step.table for step in _STEPS if step.source == "usage AS x")
+days from hours. Per origin: the buckets' own starts (from the buckets), hours and days (from
+the streams'). Per stream and per group: hours from the series' hours, days from those."""
+_FROM_BUCKETS = frozenset(step.table for step in _STEPS if step.source.startswith("usage AS x"))
 """The rollups read straight from the buckets (the others are read from these)."""
 USAGE_ROLLUP_TABLES: tuple[str, ...] = tuple(dict.fromkeys(step.table for step in _STEPS))
 """The tables every usage write keeps in step (all functions of ``usage``)."""
@@ -1312,28 +1302,27 @@ _ADD_HOUR = (
     f" VALUES ({', '.join('?' * (len(USAGE_SUMS) + 3))}) ON CONFLICT DO UPDATE SET "
     + ", ".join(f"{c} = {c} + excluded.{c}" for c in USAGE_SUMS)
 )
-_ADD_MODEL = (
-    f"INSERT INTO usage_model (start, origin_id, stream_id, {', '.join(SUMMED)})"
-    f" VALUES ({', '.join('?' * (len(SUMMED) + 3))}) ON CONFLICT DO UPDATE SET "
+_ADD_TOTAL = (
+    f"INSERT INTO usage_total (start, origin_id, {', '.join(SUMMED)})"
+    f" VALUES ({', '.join('?' * (len(SUMMED) + 2))}) ON CONFLICT DO UPDATE SET "
     + ", ".join(f"{c} = {c} + excluded.{c}" for c in SUMMED)
 )
 
 
-_Sums = tuple[dict[tuple[int, int, int], list[int]], dict[tuple[int, int, int], list[int]]]
+_Sums = tuple[dict[tuple[int, int, int], list[int]], dict[tuple[int, int], list[int]]]
 """Sums of some ``usage`` rows: per (hour, series_id, priced), :data:`USAGE_SUMS`; per
-(start, origin_id, stream_id), :data:`SUMMED`."""
+(start, origin_id), :data:`SUMMED`."""
 
 
-def _sums(rows: list[tuple[Any, ...]], streams: dict[int, tuple[int, int]]) -> _Sums:
-    """:data:`_Sums` of ``usage`` rows (:data:`_USAGE_INSERT`'s columns); ``streams``: the
-    (origin, stream) ids of each series id."""
+def _sums(rows: list[tuple[Any, ...]]) -> _Sums:
+    """:data:`_Sums` of ``usage`` rows (:data:`_USAGE_INSERT`'s columns)."""
     hours: dict[tuple[int, int, int], list[int]] = {}
-    starts: dict[tuple[int, int, int], list[int]] = {}
+    starts: dict[tuple[int, int], list[int]] = {}
     for r in rows:
         values = r[4:12]
         a = hours.setdefault((r[0] - r[0] % HOUR, r[2], r[12]), [0] * 8)
         a[:] = map(operator.add, a, values)
-        t = starts.setdefault((r[0], *streams[r[2]]), [0] * 10)
+        t = starts.setdefault((r[0], r[1]), [0] * 10)
         unpriced = (0, 0) if r[12] else (sum(values[:5]), values[5])
         t[:] = map(operator.add, t, (*values, *unpriced))
     return hours, starts
@@ -1344,7 +1333,7 @@ def _add_sums(conn: sqlite3.Connection, sums: _Sums) -> None:
     the rollups read straight from it; every other rollup is then recomputed from these."""
     hours, starts = sums
     conn.executemany(_ADD_HOUR, [(*k, *v) for k, v in hours.items()])
-    conn.executemany(_ADD_MODEL, [(*k, *v) for k, v in starts.items()])
+    conn.executemany(_ADD_TOTAL, [(*k, *v) for k, v in starts.items()])
 
 
 def _rebuild_usage_rollups(conn: sqlite3.Connection) -> None:

@@ -133,13 +133,26 @@ def usage_rows(
 _TOKENS = "input_uncached + cache_read + cache_write_5m + cache_write_1h + output"
 _PER_SERIES_SUMMED = ", ".join(
     [
-        *(f"u.{c} AS {c}" for c in USAGE_SUMS),
-        f"CASE WHEN u.priced THEN 0 ELSE u.{_TOKENS.replace(' + ', ' + u.')} END"
+        *(f"SUM(u.{c}) AS {c}" for c in USAGE_SUMS),
+        f"SUM(CASE WHEN u.priced THEN 0 ELSE u.{_TOKENS.replace(' + ', ' + u.')} END)"
         " AS unpriced_tokens",
-        "CASE WHEN u.priced THEN 0 ELSE u.requests END AS unpriced_requests",
+        "SUM(CASE WHEN u.priced THEN 0 ELSE u.requests END) AS unpriced_requests",
     ]
 )
-"""A per-series row as the rollups summed over series have it (:data:`SUMMED`)."""
+"""Buckets summed as the rollups summed over series have them (:data:`SUMMED`)."""
+
+
+def _per_series(key: str, origins: str) -> str:
+    """The buckets of ``[?, ?)`` summed per series (``g``, sorted once: cheaper than joining
+    every bucket to its series), then joined to it for ``key`` (``s.model``, ``s.project``)."""
+    sums = ", ".join(f"g.{c}" for c in SUMMED)
+    return (
+        f"SELECT {key}, {sums} FROM (SELECT u.series_id AS series_id, {_PER_SERIES_SUMMED}"
+        f" FROM usage AS u WHERE u.start >= ? AND u.start < ? AND u.origin_id IN ({origins})"
+        " GROUP BY u.series_id) AS g JOIN series AS s ON s.id = g.series_id"
+    )
+
+
 _SUMMED = ", ".join(f"x.{c} AS {c}" for c in SUMMED)
 
 
@@ -174,21 +187,21 @@ def total_rows(
 
 
 def _by_model_rows(start: datetime, end: datetime, scope: str) -> tuple[str, list[Any]]:
-    """A subquery of usage by model (columns ``stream_id`` and :data:`SUMMED`) from the model
-    rollups (per bucket start, hour and UTC day): as many rows at 40 series as at 4,000."""
-    tables = {"fine": "usage_model", "hour": "usage_model_hour", "day": "usage_model_day"}
+    """A subquery of usage by model (columns ``stream_id`` and :data:`SUMMED`): whole hours and
+    days from the model rollups, the ragged edges (and windows without a whole hour) from the
+    buckets."""
     pieces: list[str] = []
     params: list[Any] = []
+    origins = _origins(scope)
     for level, lo, hi in _parts(to_epoch(start), to_epoch(end), min_hours=1):
-        origins = (
-            f"x.origin_id IN ({_origins(scope)})"
-            if level == "fine"
-            else (f"x.stream_id IN (SELECT id FROM stream WHERE origin_id IN ({_origins(scope)}))")
-        )
-        pieces.append(
-            f"SELECT x.stream_id AS stream_id, {_SUMMED} FROM {tables[level]} AS x"
-            f" WHERE x.start >= ? AND x.start < ? AND {origins}"
-        )
+        if level == "fine":
+            pieces.append(_per_series("s.stream_id AS stream_id", origins))
+        else:
+            pieces.append(
+                f"SELECT x.stream_id AS stream_id, {_SUMMED} FROM usage_model_{level} AS x"
+                f" WHERE x.start >= ? AND x.start < ?"
+                f" AND x.stream_id IN (SELECT id FROM stream WHERE origin_id IN ({origins}))"
+            )
         params += [lo, hi]
     return " UNION ALL ".join(pieces), params
 
@@ -208,11 +221,7 @@ def _by_group_rows(group: str, start: datetime, end: datetime, scope: str) -> tu
     origins = _origins(scope)
     for level, lo, hi in _parts(to_epoch(start), to_epoch(end), min_hours=1):
         if level == "fine":
-            pieces.append(
-                f"SELECT s.{group} AS value, {_PER_SERIES_SUMMED}"
-                " FROM usage AS u LEFT JOIN series AS s ON s.id = u.series_id"
-                f" WHERE u.start >= ? AND u.start < ? AND u.origin_id IN ({origins})"
-            )
+            pieces.append(_per_series(f"s.{group} AS value", origins))
             params += [lo, hi]
         else:
             pieces.append(
@@ -518,12 +527,28 @@ def _add(a: Totals, b: Totals) -> Totals:
     return Totals(*(getattr(a, f) + getattr(b, f) for f in Totals.__slots__))
 
 
+Grouped = dict[tuple[str, str], tuple[Totals, bool]]
+"""Totals per group (``(provider, key)``) and whether all of it was priced."""
+Memo = dict[tuple[datetime, datetime, str, str], Grouped]
+"""Grouped totals already read in one refresh (see :func:`cost_by`'s ``memo``)."""
+
+
 def _grouped(
-    store: Store, start: datetime, end: datetime, group: str, text: str
-) -> dict[tuple[str, str], tuple[Totals, bool]]:
+    store: Store,
+    start: datetime,
+    end: datetime,
+    group: str,
+    text: str,
+    memo: Memo | None = None,
+) -> Grouped:
     """Totals per group (``(provider, key)``; provider ``""`` for groups other than the
     model) and whether all of it was priced."""
-    out: dict[tuple[str, str], tuple[Totals, bool]] = {}
+    if memo is not None:
+        asked = (start, end, group, text)
+        if asked not in memo:
+            memo[asked] = _grouped(store, start, end, group, text)
+        return memo[asked]
+    out: Grouped = {}
     if text:  # a filter picks series: the per-series tables
         key = "provider, model" if group == "model" else f"'' AS provider, {group}"
         key_cols = "provider, model" if group == "model" else f"provider, {group}"
@@ -556,9 +581,13 @@ def cost_by(
     group: str = "model",
     text: str = "",
     limit: int | None = None,
+    memo: Memo | None = None,
 ) -> list[CostRow]:
     """Usage grouped by ``model`` (with provider), ``project``, ``api_key`` or ``tag``,
     dearest first, each with the previous window of the same length.
+
+    ``memo``: a dict shared by the queries of one refresh, so that the Model mix of the same
+    window does not read the same rows again.
 
     ``limit``: at most that many groups, and one more row (key :data:`OTHERS`, provider ``""``)
     that sums the rest in both windows, so a pane shows what fits and the totals still add up.
@@ -566,8 +595,8 @@ def cost_by(
     if group not in GROUPS:
         raise ValueError(f"cannot group by {group!r}; choose one of {', '.join(GROUPS)}")
     length = end - start
-    current = _grouped(store, start, end, group, text)
-    before = _grouped(store, start - length, start, group, text)
+    current = _grouped(store, start, end, group, text, memo)
+    before = _grouped(store, start - length, start, group, text, memo)
     rows = [
         CostRow(
             key=k[1],
@@ -616,11 +645,16 @@ class MixRow:
 
 
 def model_mix(
-    store: Store, start: datetime, end: datetime, text: str = "", limit: int | None = None
+    store: Store,
+    start: datetime,
+    end: datetime,
+    text: str = "",
+    limit: int | None = None,
+    memo: Memo | None = None,
 ) -> list[MixRow]:
-    """Share of spend and requests per model in the window, dearest first; ``limit`` as
-    :func:`cost_by`."""
-    groups = _grouped(store, start, end, "model", text)
+    """Share of spend and requests per model in the window, dearest first; ``limit`` and
+    ``memo`` as :func:`cost_by`."""
+    groups = _grouped(store, start, end, "model", text, memo)
     total_cost = sum(t.cost for t, _ in groups.values())
     total_req = sum(t.requests for t, _ in groups.values())
 

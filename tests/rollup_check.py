@@ -40,10 +40,6 @@ def _expected(store: Store) -> dict[str, list[tuple[Any, ...]]]:
             f"SELECT (u.start / {period}) * {period} AS p, u.series_origin, {_SUMMED}"
             f" FROM {_FLAT} AS u GROUP BY p, u.series_origin"
         )
-    out["usage_model"] = rows(
-        f"SELECT u.start, u.origin_id, u.stream_id, {_SUMMED} FROM {_FLAT} AS u"
-        " GROUP BY u.start, u.origin_id, u.stream_id"
-    )
     for suffix, period in (("_hour", HOUR), ("_day", DAY)):
         out[f"usage_model{suffix}"] = rows(
             f"SELECT (u.start / {period}) * {period} AS p, u.stream_id, {_SUMMED}"
@@ -73,7 +69,6 @@ def _stored(store: Store) -> dict[str, list[tuple[Any, ...]]]:
         out[f"usage_total{suffix}"] = rows(
             f"SELECT start, origin_id, {summed} FROM usage_total{suffix}"
         )
-    out["usage_model"] = rows(f"SELECT start, origin_id, stream_id, {summed} FROM usage_model")
     for suffix in ("_hour", "_day"):
         out[f"usage_model{suffix}"] = rows(
             f"SELECT start, stream_id, {summed} FROM usage_model{suffix}"

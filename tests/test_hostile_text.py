@@ -45,9 +45,7 @@ def test_csv_cells_never_start_a_formula(start: str) -> None:
 
 def test_csv_comments_and_markdown() -> None:
     assert csv_comment(f"error, {FORMULA}; -2") == "error, '" + FORMULA + "; '-2"
-    assert md_cell("a|b *c* [x](http://e) <img>") == (
-        "a\\|b \\*c\\* \\[x\\](http://e) \\<img\\>"
-    )
+    assert md_cell("a|b *c* [x](http://e) <img>") == ("a\\|b \\*c\\* \\[x\\](http://e) \\<img\\>")
 
 
 @pytest.fixture

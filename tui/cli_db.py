@@ -157,10 +157,11 @@ def _info(ctx: Any) -> int:
             f" {retention.hours_days:g}, daily forever; nothing compacted yet"
         )
     else:
-        hours = f", daily before {_when(info.hours_before)} UTC" if info.hours_before else ""
+        days = f"; daily before {_when(info.hours_before)} UTC" if info.hours_before else ""
         print(
-            f"retention: one-minute data since {_when(info.minutes_before)} UTC, hourly"
-            f" before{hours} ({retention.minutes_days:g} / {retention.hours_days:g} days)"
+            f"retention: one-minute data since {_when(info.minutes_before)} UTC; hourly before"
+            f" that{days} (kept: {retention.minutes_days:g} days of minutes,"
+            f" {retention.hours_days:g} of hours)"
         )
     print(f"\n{'table':18s} {'rows':>12s} {'size':>12s}  {'first (UTC)':16s}  {'last (UTC)':16s}")
     for t in info.tables:

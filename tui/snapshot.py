@@ -222,6 +222,7 @@ def build_snapshot(store: Store, request: RefreshRequest) -> Snapshot:
     began = time.perf_counter()
     start, end, text, panes = request.start, request.end, request.text, request.panes
     values: dict[str, object] = {}
+    memo: queries.Memo = {}  # the Model mix reuses the Cost per query pane's model totals
     if "spend" in panes:
         values["spend"] = queries.spend_summary(
             store, request.now, text, request.budget_daily, request.budget_monthly
@@ -232,9 +233,8 @@ def build_snapshot(store: Store, request: RefreshRequest) -> Snapshot:
         values["series"] = tuple(v for _, v in queries.spend_series(store, start, end, step, text))
         values["billed"] = summarise_billed(queries.billed_vs_estimated(store, start, end))
     if "cost" in panes:
-        limit = request.top_n or None
         values["cost_rows"] = tuple(
-            queries.cost_by(store, start, end, request.group, text, limit=limit)
+            queries.cost_by(store, start, end, request.group, text, request.top_n or None, memo)
         )
         metered = request_queries.request_stats(store, start, end, text=text)
         if metered.requests:
@@ -244,7 +244,7 @@ def build_snapshot(store: Store, request: RefreshRequest) -> Snapshot:
             )
     if "mix" in panes:
         values["mix"] = tuple(
-            queries.model_mix(store, start, end, text, limit=request.top_n or None)
+            queries.model_mix(store, start, end, text, request.top_n or None, memo)
         )
     if "gpu" in panes:
         values["gpu"] = queries.gpu_overview(store, start, end)
