@@ -12,6 +12,7 @@ import io
 import json
 import re
 import threading
+from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
 
@@ -509,6 +510,91 @@ async def test_model_mix_folds_what_does_not_fit_into_one_line(tmp_path: Path) -
         assert any(line.startswith("+") and "more" in line for line in lines)
         assert total.startswith("total") and "$0.189" in total and "189 req" in total
         assert app.query_one("#mix-total").region.bottom <= pane.content_region.bottom
+
+
+def many_models(db: Path, count: int) -> Path:
+    """A database with ``count`` models of falling cost, in the frozen clock's hour."""
+    from tokentop.store.records import Batch, UsageBucket
+
+    with Store(db) as store:
+        store.write_batch(
+            Batch(
+                usage=tuple(
+                    UsageBucket(
+                        "openai",
+                        "openai",
+                        f"model-{i:02d}",
+                        FROZEN.replace(minute=10),
+                        input_uncached=10,
+                        output=5,
+                        requests=count + 10 - i,
+                        cost_nano=(count + 10 - i) * 1_000_000,
+                        priced=True,
+                    )
+                    for i in range(count)
+                )
+            )
+        )
+    return db
+
+
+async def test_small_tables_list_what_fits_and_an_others_row_that_adds_up(tmp_path: Path) -> None:
+    from tokentop.store.queries import OTHERS, totals
+
+    db = many_models(tmp_path / "many.db", 40)
+    with Store(db) as store:
+        full = cost_by(store, FROZEN - timedelta(hours=1), FROZEN)
+        window = totals(store, FROZEN - timedelta(hours=1), FROZEN)
+    assert len(full) == 40
+    app = TokentopApp(db, clock=frozen_clock, refresh_s=3600)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(pilot)
+        app.active = "cost"
+        await settle(pilot)
+        await settle(pilot)  # a pane laid out after its first request asks again for its room
+        pane = app.query_one(CostPerQueryPane)
+        table = pane.table
+        assert app.snapshot is not None and app.snapshot.request.top_n == pane.top_n > 0
+        rows = app.snapshot.cost_rows
+        # Every row in sight: the groups that fit, then one that sums the rest.
+        assert table.row_count == len(rows) <= table.size.height - 1
+        assert rows[-1].key == OTHERS and rows[-1].others == 40 - (len(rows) - 1)
+        assert table.row_keys[-1] == f"\x1f{OTHERS}"
+        assert table.get_cell(table.row_keys[-1], "name").plain == f"+{rows[-1].others} others"
+        assert [r.key for r in rows[:-1]] == [r.key for r in full[: len(rows) - 1]]
+        assert sum((r.totals.cost for r in rows), Decimal(0)) == window.cost
+        assert sum(r.totals.requests for r in rows) == window.requests
+        assert "40 models" in str(pane.query_one(".pane-info", Static).render())
+        small = len(rows)
+        # More room (a zoom, a bigger terminal): the table asks for more rows.
+        await pilot.resize_terminal(100, 40)
+        await settle(pilot)
+        await settle(pilot)
+        assert app.snapshot.request.top_n == pane.top_n
+        rows = app.snapshot.cost_rows
+        assert small < len(rows) <= table.size.height - 1 and rows[-1].key == OTHERS
+        assert sum((r.totals.cost for r in rows), Decimal(0)) == window.cost
+        # The Model mix folds the same way, its total line still the window's.
+        app.active = "mix"
+        await settle(pilot)
+        await settle(pilot)
+        mix = app.snapshot.mix
+        assert app.snapshot.request.mix_top_n == app.query_one("#mix").top_n  # type: ignore[attr-defined]
+        assert mix[-1].model == OTHERS and len(mix) < 40
+        lines = text_of(app, "#mix-lines").splitlines()
+        assert lines[-1].startswith(f"+{mix[-1].others} more")
+        assert f"{window.requests:,} req" in text_of(app, "#mix-total")
+
+
+async def test_one_group_past_the_room_is_listed_not_summed(tmp_path: Path) -> None:
+    from tokentop.store.queries import OTHERS
+
+    db = many_models(tmp_path / "many.db", 40)
+    with Store(db) as store:
+        request = RefreshRequest(seq=1, now=FROZEN, window="1h", top_n=39, mix_top_n=5)
+        snapshot = build_snapshot(store, request)
+    assert len(snapshot.cost_rows) == 40 and all(r.key != OTHERS for r in snapshot.cost_rows)
+    assert len(snapshot.mix) == 6 and snapshot.mix[-1].others == 35
 
 
 async def test_a_still_database_is_not_queried_every_second(

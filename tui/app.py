@@ -358,6 +358,8 @@ class TokentopApp(App[None]):
         self._last_request: RefreshRequest | None = None
         self._last_build: tuple[Any, float, Snapshot] | None = None
         """(what it was made from, when, the snapshot) of the last full query."""
+        self._room_changed = False
+        """A table's room changed while a refresh was under way: check again once it is shown."""
         self._exporting = False
         """An export is querying or writing: refreshes wait, so the SVG shows its figures."""
         self._runner_task: asyncio.Task[None] | None = None
@@ -648,10 +650,36 @@ class TokentopApp(App[None]):
         return True
 
     def _refresh_if_more_visible(self) -> None:
+        """Query again when a pane came on screen, or a table got room for another number of
+        rows (a resize, a zoom, a layout switch), than the last request asked for."""
         # Against the last request, not the last snapshot: the first may still be running.
-        shown = self._last_request.panes if self._last_request else frozenset()
-        if self.visible_panes() - shown:
+        last = self._last_request
+        if last is None:
+            return
+        if self.visible_panes() - last.panes:
             self.request_refresh()
+        elif self.table_room(last.panes) != (last.top_n, last.mix_top_n):
+            if self.refreshing():
+                # Let the refresh under way be shown (the first paint, say), then ask again.
+                self._room_changed = True
+            else:
+                self.request_refresh()
+
+    def on_pane_resized(self, _message: Pane.Resized) -> None:
+        self._refresh_if_more_visible()
+
+    def on_themed_table_resized(self, _message: ThemedTable.Resized) -> None:
+        # A note line shown or gone under the table changes its room too.
+        self._refresh_if_more_visible()
+
+    def table_room(self, panes: frozenset[str]) -> tuple[int, int]:
+        """Groups the Cost per query table and the Model mix pane have room for, besides the
+        row that sums the rest (0: not on screen, or not laid out yet: every group)."""
+        if not self._panes_ready:
+            return 0, 0
+        cost = self.query_one(CostPerQueryPane).top_n if "cost" in panes else 0
+        mix = self.query_one(ModelMixPane).top_n if "mix" in panes else 0
+        return cost, mix
 
     def refreshing(self) -> bool:
         """Whether a refresh worker is queued or running."""
@@ -683,6 +711,8 @@ class TokentopApp(App[None]):
     def _request(self, now: datetime) -> RefreshRequest:
         """What the screen shows now: window, filter, grouping and the panes on screen."""
         self._seq += 1
+        panes = self.visible_panes()
+        top_n, mix_top_n = self.table_room(panes)
         self._last_request = RefreshRequest(
             seq=self._seq,
             now=now,
@@ -690,7 +720,9 @@ class TokentopApp(App[None]):
             span_s=self.windows[self.window],
             text=self.filter_text,
             group=self.group,
-            panes=self.visible_panes(),
+            panes=panes,
+            top_n=top_n,
+            mix_top_n=mix_top_n,
             budget_daily=self.config.budget_daily_usd,
             budget_monthly=self.config.budget_monthly_usd,
             expected=tuple(
@@ -752,6 +784,9 @@ class TokentopApp(App[None]):
         self.refresh_count += 1
         self._apply(snapshot)
         self.refresh_error = ""
+        if self._room_changed:
+            self._room_changed = False
+            self._refresh_if_more_visible()
         if message.for_export is not None:
             self.call_after_refresh(self._export_shown, snapshot, message.for_export)
 

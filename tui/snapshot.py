@@ -7,9 +7,11 @@ widgets. This module imports no Textual, so it can be exercised (and timed) with
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
+from typing import TypeVar
 
 from tokentop.collectors.runner import Holder, read_holder
 from tokentop.store import queries, request_queries
@@ -95,8 +97,10 @@ class RefreshRequest:
     budget_monthly: Decimal | None = None
     chart_points: int = 120
     top_n: int = 0
-    """Rows the Cost per query and Model mix tables have room for (from their height): at most
-    that many groups and an "others" row that sums the rest; 0 lists every group."""
+    """Groups the Cost per query table has room for besides an "others" row (from its height):
+    at most that many groups and one row that sums the rest; 0 lists every group."""
+    mix_top_n: int = 0
+    """The same for the Model mix pane's lines."""
     expected: tuple[tuple[str, str], ...] = ()
     """(name, kind) of the sources this process runs, so a pane can say it is still loading."""
 
@@ -217,6 +221,22 @@ def usage_loading(sources: tuple[SourceHealth, ...], expected: tuple[tuple[str, 
     return ""
 
 
+_Row = TypeVar("_Row", CostRow, MixRow)
+
+
+def _fold(rows_for: Callable[[int | None], list[_Row]], top_n: int) -> tuple[_Row, ...]:
+    """The rows of a table with room for ``top_n`` groups and an "others" row (0: every group).
+
+    When only one group is beyond ``top_n`` it takes the others row's place itself: a row that
+    sums one group would hide its name for nothing. (The second call reads the refresh's memo,
+    not the database.)
+    """
+    rows = rows_for(top_n or None)
+    if top_n and rows and rows[-1].others == 1:
+        rows = rows_for(None)
+    return tuple(rows)
+
+
 def build_snapshot(store: Store, request: RefreshRequest) -> Snapshot:
     """Run the queries of the visible panes (blocking: call from a worker thread)."""
     began = time.perf_counter()
@@ -233,8 +253,9 @@ def build_snapshot(store: Store, request: RefreshRequest) -> Snapshot:
         values["series"] = tuple(v for _, v in queries.spend_series(store, start, end, step, text))
         values["billed"] = summarise_billed(queries.billed_vs_estimated(store, start, end))
     if "cost" in panes:
-        values["cost_rows"] = tuple(
-            queries.cost_by(store, start, end, request.group, text, request.top_n or None, memo)
+        values["cost_rows"] = _fold(
+            lambda limit: queries.cost_by(store, start, end, request.group, text, limit, memo),
+            request.top_n,
         )
         metered = request_queries.request_stats(store, start, end, text=text)
         if metered.requests:
@@ -243,8 +264,9 @@ def build_snapshot(store: Store, request: RefreshRequest) -> Snapshot:
                 request_queries.request_stats_by(store, start, end, "tag", text=text, limit=3)
             )
     if "mix" in panes:
-        values["mix"] = tuple(
-            queries.model_mix(store, start, end, text, request.top_n or None, memo)
+        values["mix"] = _fold(
+            lambda limit: queries.model_mix(store, start, end, text, limit, memo),
+            request.mix_top_n,
         )
     if "gpu" in panes:
         values["gpu"] = queries.gpu_overview(store, start, end)

@@ -10,6 +10,7 @@ from textual import events
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
 from textual.content import Content
+from textual.message import Message
 from textual.widget import Widget
 from textual.widgets import Static
 
@@ -60,9 +61,27 @@ class Pane(Vertical):
         self._shown_size = (self.content_size.width, self.content_size.height)
         self.apply(snapshot)
 
+    class Resized(Message):
+        """The pane's size changed: the app checks whether its tables have room for another
+        number of rows than it last queried."""
+
+        def __init__(self, pane: Pane) -> None:
+            super().__init__()
+            self.pane = pane
+
+        @property
+        def control(self) -> Pane:
+            """The pane."""
+            return self.pane
+
+        def can_replace(self, message: Message) -> bool:
+            """Only the last size matters."""
+            return isinstance(message, Pane.Resized) and message.pane is self.pane
+
     def on_resize(self, event: events.Resize) -> None:
         # After this refresh: a layout asked for from inside one can be lost.
         self.call_after_refresh(self._reshow)
+        self.post_message(self.Resized(self))
 
     def _reshow(self) -> None:
         size = (self.content_size.width, self.content_size.height)

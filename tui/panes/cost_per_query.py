@@ -42,6 +42,11 @@ NAME_FLOOR = 18
 """The least width of the name column while a column can still go."""
 
 
+def others_name(count: int) -> str:
+    """The name of the row that sums the ``count`` groups the table has no room for."""
+    return f"+{count} others"
+
+
 class CostPerQueryPane(Pane):
     """A table of requests, $/request, tokens per request in and out, cache hit rate and the
     change of $/request against the previous window of equal length.
@@ -81,6 +86,13 @@ class CostPerQueryPane(Pane):
     def row_keys(self) -> list[str]:
         """Keys of the rows shown, in order (``provider\x1fkey``)."""
         return self.table.row_keys
+
+    @property
+    def top_n(self) -> int:
+        """Groups the table has room for besides an "others" row (0 before the first layout):
+        one row under the heading stays for the row that sums the rest."""
+        rows = self.table.size.height - 1
+        return max(1, rows - 1) if rows > 0 else 0
 
     @property
     def sort_columns(self) -> tuple[str, ...]:
@@ -157,15 +169,16 @@ class CostPerQueryPane(Pane):
         self.badge.loading_text = snapshot.usage_loading
         self.show_freshness(snapshot.feed(USAGE_KINDS, snapshot.newest_usage), snapshot.now)
         rows = sort_rows(snapshot.cost_rows, self.sort)
+        groups = sum(r.others or 1 for r in rows)
         counted = Content.assemble(
-            (f"{len(rows)} ", "bold"),
-            GROUP_LABELS.get(req.group, req.group).lower() + ("s" if len(rows) != 1 else ""),
+            (f"{groups} ", "bold"),
+            GROUP_LABELS.get(req.group, req.group).lower() + ("s" if groups != 1 else ""),
         )
         if not rows and snapshot.usage_loading:
             counted = Content.styled("loading…", "$text-muted")
         self.set_info(counted + f" · {req.window} vs previous {req.window}")
         cells = [self._cells(r) for r in rows]
-        names = [clean(r.key) if r.key else "(none)" for r in rows]
+        names = [others_name(r.others) if r.others else clean(r.key) or "(none)" for r in rows]
         fitted = self._fit(req.group, names, cells)
         layout = (req.group, self.sort, fitted)
         if layout != self._layout:
@@ -173,7 +186,8 @@ class CostPerQueryPane(Pane):
             self._layout = layout
         name_w, cell = fitted.name_width, self.table.cell
         for name, row_cells, row in zip(names, cells, rows, strict=True):
-            row_cells["name"] = cell(fmt.fit(name, name_w), "" if row.priced else "warning")
+            role: Role = "muted" if row.others else ""
+            row_cells["name"] = cell(fmt.fit(name, name_w), role if row.priced else "warning")
         self.table.set_rows(
             [
                 (f"{r.provider}\x1f{r.key}", row_cells)

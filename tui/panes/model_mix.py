@@ -10,7 +10,7 @@ from textual.content import Content
 from textual.widget import Widget
 from textual.widgets import Static
 
-from tokentop.store.queries import MixRow
+from tokentop.store.queries import OTHERS, MixRow
 from tokentop.store.text import clean
 from tokentop.tui import format as fmt
 from tokentop.tui.panes.base import Pane
@@ -34,15 +34,23 @@ class ModelMixPane(Pane):
         # Its own line: the total changes with every request, the shares far less often.
         yield Static("", id="mix-total")
 
+    @property
+    def top_n(self) -> int:
+        """Models the pane has lines for besides the line that sums the rest (0 before the
+        first layout): the pane's header, the column heads and the total take three."""
+        lines = self.content_size.height - 3
+        return max(1, lines - 1) if lines > 0 else 0
+
     def apply(self, snapshot: Snapshot) -> None:
         self.badge.loading_text = snapshot.usage_loading
         self.show_freshness(snapshot.feed(USAGE_KINDS, snapshot.newest_usage), snapshot.now)
         rows = list(snapshot.mix)
+        models = sum(r.others or 1 for r in rows)
         muted = "$text-muted"
         self.set_info(
             Content.assemble(
-                (f"{len(rows)}", "bold"),
-                f" model{'s' if len(rows) != 1 else ''} · {snapshot.request.window}",
+                (f"{models}", "bold"),
+                f" model{'s' if models != 1 else ''} · {snapshot.request.window}",
             )
         )
         lines_widget = self.query_one("#mix-lines", Static)
@@ -53,18 +61,14 @@ class ModelMixPane(Pane):
             update_static(lines_widget, Content.styled(empty, muted))
             return
         width = self.inner_width
-        # Lines under the header: the column heads, the models, the total. The smallest models
-        # fold into one "+N more" line rather than scroll out of sight.
-        room = self.content_size.height - 1
         total = sum(r.cost for r in rows)
         reqs = sum(r.requests for r in rows)
-        more: list[MixRow] = []
-        if room > 3 and len(rows) + 2 > room:
-            keep = room - 3
-            rows, more = rows[:keep], rows[keep:]
-        names = [clean(r.model) for r in rows]
-        if more:
-            names.append(f"+{len(more)} more")
+        # The store folds the models beyond the pane's room into one row (see top_n); rows from
+        # before a resize that still do not fit fold here, so that none scrolls out of sight.
+        room = self.content_size.height - 3
+        if room > 1 and len(rows) > room:
+            rows = [*rows[: room - 1], self._others(rows[room - 1 :])]
+        names = [f"+{r.others} more" if r.others else clean(r.model) for r in rows]
         # Names get what the bars (at least BAR each) leave, up to the longest name.
         figures = 1 + 2 * (PCT + 2)
         name_w = max(8, min(max(cell_len(n) for n in names), width - figures - 2 * BAR))
@@ -76,25 +80,9 @@ class ModelMixPane(Pane):
                 ("requests", muted),
             )
         ]
-        for name, r in zip(names, rows, strict=False):
-            lines.append(self._line(fmt.fit(name, name_w), name_w, bar_w, r))
-        if more:
+        for name, r in zip(names, rows, strict=True):
             lines.append(
-                self._line(
-                    names[-1],
-                    name_w,
-                    bar_w,
-                    MixRow(
-                        provider="",
-                        model="",
-                        cost=sum((r.cost for r in more), Decimal(0)),
-                        requests=sum(r.requests for r in more),
-                        cost_share=sum(r.cost_share for r in more),
-                        request_share=sum(r.request_share for r in more),
-                        priced=all(r.priced for r in more),
-                    ),
-                    muted,
-                )
+                self._line(fmt.fit(name, name_w), name_w, bar_w, r, muted if r.others else "")
             )
         update_static(lines_widget, Content("\n").join(lines))
         update_static(
@@ -104,6 +92,20 @@ class ModelMixPane(Pane):
                 (f"{fmt.usd(total):<{bar_w + PCT + 1}} ", "bold"),
                 (f"{fmt.count(reqs)} req", "bold"),
             ),
+        )
+
+    @staticmethod
+    def _others(rows: list[MixRow]) -> MixRow:
+        """One row that sums ``rows`` (some of which may sum others already)."""
+        return MixRow(
+            provider="",
+            model=OTHERS,
+            cost=sum((r.cost for r in rows), Decimal(0)),
+            requests=sum(r.requests for r in rows),
+            cost_share=sum(r.cost_share for r in rows),
+            request_share=sum(r.request_share for r in rows),
+            priced=all(r.priced for r in rows),
+            others=sum(r.others or 1 for r in rows),
         )
 
     @staticmethod

@@ -143,6 +143,22 @@ class ThemedTable(Widget, can_focus=True):
             """The table."""
             return self.table
 
+    class Resized(Message):
+        """The table's size changed (so did the number of rows it shows)."""
+
+        def __init__(self, table: ThemedTable) -> None:
+            super().__init__()
+            self.table = table
+
+        @property
+        def control(self) -> ThemedTable:
+            """The table."""
+            return self.table
+
+        def can_replace(self, message: Message) -> bool:
+            """Only the last size matters."""
+            return isinstance(message, ThemedTable.Resized) and message.table is self.table
+
     def __init__(self, *, id: str | None = None, zebra_stripes: bool = True) -> None:
         super().__init__(id=id)
         self.zebra_stripes = zebra_stripes
@@ -244,6 +260,7 @@ class ThemedTable(Widget, can_focus=True):
 
     def on_resize(self) -> None:
         self._scroll_to_cursor()
+        self.post_message(self.Resized(self))
 
     def on_focus(self) -> None:
         self.refresh()  # the cursor shows only where the keys go
