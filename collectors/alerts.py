@@ -20,7 +20,6 @@ and Alertmanager is told the warning label set resolved when the critical one st
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import math
@@ -30,10 +29,8 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
-
-import httpx
 
 from tokentop.collectors.alert_config import USAGE_SCOPES, AlertRule, AlertsConfig
 from tokentop.collectors.base import Clock, utcnow
@@ -43,6 +40,9 @@ from tokentop.store.alerts import AlertState, Changes
 from tokentop.store.db import Store
 from tokentop.store.queries import sources as source_health
 from tokentop.store.text import clean
+
+if TYPE_CHECKING:  # `tokentop check` evaluates rules without the HTTP client or an event loop
+    import httpx
 
 log = logging.getLogger("tokentop.alerts")
 
@@ -846,6 +846,8 @@ class AlertEngine:
     def client(self) -> httpx.AsyncClient:
         """The HTTP client, made on first use."""
         if self._client is None:
+            import httpx
+
             self._client = httpx.AsyncClient(timeout=self.config.timeout_s)
         return self._client
 
@@ -857,6 +859,8 @@ class AlertEngine:
 
     async def tick(self) -> None:
         """Evaluate, write the transitions, deliver. Failures are logged, never raised."""
+        import asyncio
+
         try:
             now = self.clock()
             self.transitions = await asyncio.to_thread(self.step, now)
@@ -977,6 +981,10 @@ class AlertEngine:
         return alerts, sent
 
     async def _alertmanager(self, now: datetime) -> None:
+        import asyncio
+
+        import httpx
+
         alerts, sent = await asyncio.to_thread(self._am_batch, now)
         if not alerts:
             return
@@ -999,6 +1007,10 @@ class AlertEngine:
             await asyncio.to_thread(alert_store.mark_sent, self.store, sent, now)
 
     async def _webhooks(self, now: datetime) -> None:
+        import asyncio
+
+        import httpx
+
         items = await asyncio.to_thread(alert_store.claim_outbox, self.store, now)
         if not items:
             return

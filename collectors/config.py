@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import os
-import tomllib
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from decimal import Decimal, InvalidOperation
@@ -28,7 +27,7 @@ from tokentop.collectors.metrics_config import (
 )
 from tokentop.pricing.book import STANDARD_TIERS, ModelPriceOverride, PricingConfig, TierRule
 from tokentop.pricing.gpu import GpuRate
-from tokentop.store.retention import Retention
+from tokentop.store.retention_policy import Retention
 
 APP = "tokentop"
 
@@ -139,6 +138,8 @@ def load_config(path: Path | None, *, explicit: bool = False) -> Config:
         if explicit:
             raise ConfigError(f"config file not found: {path}")
         return Config()
+    import tomllib  # here: a missing file (the common case of `tokentop status`) needs no parser
+
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:

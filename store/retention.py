@@ -29,7 +29,7 @@ import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -47,28 +47,12 @@ from tokentop.store.db import (
     Store,
     refresh_usage_rollups,
 )
-from tokentop.store.records import from_epoch, to_epoch
+from tokentop.store.records import from_epoch
+from tokentop.store.retention_policy import Retention as Retention  # its home before; still here
 
-DEFAULT_MINUTES_DAYS = 35.0
-DEFAULT_HOURS_DAYS = 400.0
 MAX_ROWS = 50_000
 """Buckets one compaction step reads at most (a step holds the write lock while it runs)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Retention:
-    """How long each resolution is kept (days)."""
-
-    minutes_days: float = DEFAULT_MINUTES_DAYS
-    """One-minute buckets (and GPU samples, metered requests) younger than this are kept."""
-    hours_days: float = DEFAULT_HOURS_DAYS
-    """Hourly buckets younger than this are kept; older ones are folded into UTC days."""
-
-    def horizons(self, now: datetime) -> tuple[int, int]:
-        """The (minutes, hours) horizons for ``now``, Unix seconds: a whole hour, a midnight."""
-        minutes = to_epoch(now - timedelta(days=self.minutes_days)) // HOUR * HOUR
-        hours = to_epoch(now - timedelta(days=self.hours_days)) // DAY * DAY
-        return minutes, min(hours, minutes // DAY * DAY)
+_DEFAULT = Retention()
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,7 +193,7 @@ def _count(conn: sqlite3.Connection, lo: int, hi: int) -> int:
 
 
 def compact_step(
-    store: Store, now: datetime, retention: Retention = Retention(), max_rows: int = MAX_ROWS
+    store: Store, now: datetime, retention: Retention = _DEFAULT, max_rows: int = MAX_ROWS
 ) -> Step | None:
     """Run one compaction step (one transaction); ``None`` when there is nothing left to do."""
     began = time.perf_counter()
@@ -317,7 +301,7 @@ def compact_step(
 def compact(
     store: Store,
     now: datetime,
-    retention: Retention = Retention(),
+    retention: Retention = _DEFAULT,
     *,
     max_rows: int = MAX_ROWS,
     on_step: Callable[[Step], None] | None = None,

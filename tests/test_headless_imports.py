@@ -114,3 +114,97 @@ def test_the_import_scanner_sees_lazy_and_aliased_imports(tmp_path: Path) -> Non
         encoding="utf-8",
     )
     assert [name for _, name in _imports(sample)] == ["textual", "tui", "importlib", "collectors"]
+
+
+HEAVY_FOR_STATUS = ("textual", "httpx", "sqlite_utils", "genai_prices")
+"""What a status bar must not pay for every few seconds: the TUI, the HTTP client, the store's
+writer and the price data."""
+
+_MODULES_AFTER_MAIN = (
+    "import json, runpy, sys\n"
+    "sys.argv = ['tokentop', *sys.argv[1:]]\n"
+    "try:\n"
+    "    runpy.run_module('tokentop', run_name='__main__', alter_sys=True)\n"
+    "except SystemExit as exc:\n"
+    "    code = exc.code\n"
+    "print(json.dumps({'code': code, 'modules': sorted(sys.modules)}))\n"
+)
+"""``python -m tokentop ARGS``, then the exit code and every module it imported, as JSON."""
+
+
+def _run_main(*args: str) -> tuple[int, list[str], str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONSTARTUP", "TOKENTOP_CONFIG")}
+    result = subprocess.run(
+        [sys.executable, "-c", _MODULES_AFTER_MAIN, *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    import json
+
+    last = result.stdout.strip().splitlines()[-1]
+    data = json.loads(last)
+    return data["code"], data["modules"], result.stdout + result.stderr
+
+
+def _heavy(modules: list[str], packages: tuple[str, ...]) -> list[str]:
+    return sorted({m.split(".")[0] for m in modules} & set(packages))
+
+
+@pytest.fixture
+def status_db(tmp_path: Path) -> tuple[Path, Path]:
+    """A database with a few dollars spent today, and a config with a budget and a rule."""
+    from datetime import UTC, datetime
+
+    from tokentop.store.db import Store
+    from tokentop.store.records import Batch, SourceHealth, UsageBucket
+
+    now = datetime.now(UTC)
+    db = tmp_path / "status.db"
+    with Store(db) as store:
+        store.record_health(
+            SourceHealth(name="demo", kind="demo", state="ok", last_success=now), now=now
+        )
+        usage = UsageBucket(
+            source="demo",
+            provider="openai",
+            model="gpt-4o",
+            start=now.replace(second=0, microsecond=0),
+            requests=3,
+            cost_nano=12_000_000_000,
+            priced=True,
+            price_ref="test",
+        )
+        store.write_batch(Batch(usage=(usage,)))
+    config = tmp_path / "config.toml"  # read in full, as every command does
+    config.write_text(
+        "budget_daily_usd = 100\n[retention]\nminutes_days = 7\n"
+        '[[alert]]\nname = "daily-budget"\nkind = "budget"\nperiod = "day"\n',
+        encoding="utf-8",
+    )
+    return db, config
+
+
+def test_status_imports_no_textual_httpx_sqlite_utils_or_price_data(
+    status_db: tuple[Path, Path],
+) -> None:
+    db, config = status_db
+    code, modules, output = _run_main("status", "--db", str(db), "--config", str(config))
+    assert code == 0, output
+    assert "today $12.00 (12%)" in output, output  # it did read the database
+    assert "tokentop.store.status" in modules
+    assert _heavy(modules, HEAVY_FOR_STATUS) == []
+    assert "tokentop.store.db" not in modules  # the writer's schema module, and its imports
+
+
+def test_check_imports_no_textual_httpx_or_price_data(status_db: tuple[Path, Path]) -> None:
+    """``check`` opens the store (sqlite-utils) to evaluate the rules, but loads no TUI, no HTTP
+    client and no price data."""
+    db, config = status_db
+    code, modules, output = _run_main("check", "--db", str(db), "--config", str(config))
+    assert code == 0, output  # OK: $12 of $100
+    assert output.startswith("OK"), output
+    assert _heavy(modules, ("textual", "httpx", "genai_prices")) == []
