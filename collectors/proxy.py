@@ -480,8 +480,67 @@ class _Response:
         self.complete = True
 
 
+class _Deadline:
+    """A timeout that is cheap to move: one loop timer, re-armed lazily when it fires.
+
+    The proxy sets a deadline around every read (a client's request, an upstream's response),
+    thousands of times a second; a timer handle made and cancelled for each would cost more than
+    the read. Here :meth:`arm` and :meth:`disarm` only move a number (and :meth:`arm` reschedules
+    the timer when the deadline comes earlier than it), and a timer that fires before the
+    deadline it guards sets itself again for it. ``on_expiry`` runs once the deadline passes
+    while armed, as a ``call_later`` per read would have run it.
+    """
+
+    __slots__ = ("_at", "_loop", "_on_expiry", "_timer")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, on_expiry: Callable[[], object]) -> None:
+        self._loop = loop
+        self._on_expiry = on_expiry
+        self._at: float | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    def arm(self, seconds: float) -> None:
+        """Expire ``seconds`` from now unless disarmed (or armed again) before."""
+        at = self._at = self._loop.time() + seconds
+        timer = self._timer
+        if timer is None or timer.when() > at:
+            if timer is not None:
+                timer.cancel()
+            self._timer = self._loop.call_at(at, self._fire)
+
+    def disarm(self) -> None:
+        """No deadline until the next :meth:`arm`."""
+        self._at = None
+
+    def cancel(self) -> None:
+        """Disarm and drop the timer (the connection is done)."""
+        self._at = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _fire(self) -> None:
+        self._timer = None
+        at = self._at
+        if at is None:
+            return
+        if self._loop.time() >= at:
+            self._at = None
+            self._on_expiry()
+        else:
+            self._timer = self._loop.call_at(at, self._fire)
+
+
 class _Conn:
-    __slots__ = ("__weakref__", "idle_since", "reader", "timed_out", "upstream", "writer")
+    __slots__ = (
+        "__weakref__",
+        "deadline",
+        "idle_since",
+        "reader",
+        "timed_out",
+        "upstream",
+        "writer",
+    )
 
     def __init__(
         self, upstream: Upstream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
@@ -491,12 +550,15 @@ class _Conn:
         self.writer = writer
         self.idle_since = 0.0
         self.timed_out = False
+        self.deadline = _Deadline(asyncio.get_running_loop(), self.time_out)
+        """Armed while the proxy waits for the upstream (``read_timeout_s``)."""
 
     def time_out(self) -> None:
         self.timed_out = True
         self.writer.transport.abort()
 
     def close(self) -> None:
+        self.deadline.cancel()
         self.writer.transport.abort()
 
 
@@ -687,10 +749,13 @@ class MeteringProxy:
         client = _Client(writer)
         self._clients[task] = client
         requests = _RequestReader(self.config.max_request_bytes)
+        deadline = _Deadline(
+            asyncio.get_running_loop(), lambda: self._client_timed_out(requests, writer)
+        )
         try:
             while not self._stopping:
                 client.busy = False
-                request = await self._next_request(requests, reader, writer)
+                request = await self._next_request(requests, reader, writer, deadline)
                 if request is None:
                     break
                 client.busy = True
@@ -709,6 +774,7 @@ class MeteringProxy:
         except Exception:
             log.exception("proxy connection failed")
         finally:
+            deadline.cancel()
             self._clients.pop(task, None)
             writer.transport.close()
 
@@ -717,23 +783,22 @@ class MeteringProxy:
         requests: _RequestReader,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
+        deadline: _Deadline,
     ) -> _Request | None:
         """The client's next whole request; ``None`` once the connection is to be closed."""
-        loop = asyncio.get_running_loop()
         while not requests.ready:
             if requests.error is not None:
                 await self._refuse(requests.error, reader, writer)
                 return None
-            timeout = (
+            deadline.arm(
                 self.config.body_timeout_s if requests.in_message else self.config.idle_timeout_s
             )
-            timer = loop.call_later(timeout, self._client_timed_out, requests, writer)
             try:
                 data = await reader.read(READ_SIZE)
             except ConnectionError:
                 return None
             finally:
-                timer.cancel()
+                deadline.disarm()
             if not data:  # the client closed (or timed out), maybe in the middle of a request
                 return None
             requests.feed(data)
@@ -857,11 +922,10 @@ class MeteringProxy:
 
     async def _send(self, upstream: Upstream, head: bytes, body: bytes) -> tuple[_Conn, _Response]:
         """Send the request and read the response head, retrying once on a stale connection."""
-        loop = asyncio.get_running_loop()
         for attempt in (0, 1):
             conn, reused = await self._pool.acquire(upstream, fresh=attempt > 0)
             self._active.add(conn)
-            timer = loop.call_later(self.config.read_timeout_s, conn.time_out)
+            conn.deadline.arm(self.config.read_timeout_s)
             try:
                 conn.writer.write(head + body if len(body) < 65536 else head)
                 if len(body) >= 65536:
@@ -892,7 +956,7 @@ class MeteringProxy:
                     continue
                 raise _UpstreamError(self._failure(upstream, conn, _why(exc))) from None
             finally:
-                timer.cancel()
+                conn.deadline.disarm()
         raise _UpstreamError(f"{upstream.url} closed the connection")  # pragma: no cover
 
     def _failure(self, upstream: Upstream, conn: _Conn, what: str) -> str:
@@ -979,19 +1043,22 @@ class MeteringProxy:
                 started,
                 self._emit,
             )
-        writer.write(b"".join(out))
+        head = b"".join(out)
         reusable = False
         complete = False
         try:
-            if framing == "chunked":
-                reusable = await self._relay_chunked(conn, response, writer, observer, dechunk)
-            elif framing == "length":
-                reusable = await self._relay_length(conn, writer, observer, int(length))
-            elif framing == "close":
-                await self._relay_until_close(conn, writer, observer)
+            if framing == "length":
+                # The head goes out with the body's first bytes, in one write (one send).
+                reusable = await self._relay_length(conn, writer, observer, int(length), head)
             else:
-                reusable = True
-                await writer.drain()
+                writer.write(head)
+                if framing == "chunked":
+                    reusable = await self._relay_chunked(conn, response, writer, observer, dechunk)
+                elif framing == "close":
+                    await self._relay_until_close(conn, writer, observer)
+                else:
+                    reusable = True
+                    await writer.drain()
             complete = True
         except _ClientGone:
             log.info(
@@ -1026,12 +1093,11 @@ class MeteringProxy:
             self.sink(exchange)
 
     async def _read(self, conn: _Conn, n: int = READ_SIZE) -> bytes:
-        loop = asyncio.get_running_loop()
-        timer = loop.call_later(self.config.read_timeout_s, conn.time_out)
+        conn.deadline.arm(self.config.read_timeout_s)
         try:
             return await conn.reader.read(n)
         finally:
-            timer.cancel()
+            conn.deadline.disarm()
 
     @staticmethod
     async def _write(writer: asyncio.StreamWriter, data: bytes) -> None:
@@ -1069,17 +1135,30 @@ class MeteringProxy:
         return True
 
     async def _relay_length(
-        self, conn: _Conn, writer: asyncio.StreamWriter, observer: Observer | None, length: int
+        self,
+        conn: _Conn,
+        writer: asyncio.StreamWriter,
+        observer: Observer | None,
+        length: int,
+        head: bytes,
     ) -> bool:
+        """Relay a body of ``length`` bytes, ``head`` (the response head) in front of its first
+        bytes; a body cut short before its first byte still gets the head out."""
         remaining = length
-        while remaining:
-            buf = await self._read(conn, min(READ_SIZE, remaining))
-            if not buf:
-                raise asyncio.IncompleteReadError(b"", remaining)
-            remaining -= len(buf)
-            if observer is not None:
-                observer.feed(buf)
-            await self._write(writer, buf)
+        try:
+            while remaining:
+                buf = await self._read(conn, min(READ_SIZE, remaining))
+                if not buf:
+                    raise asyncio.IncompleteReadError(b"", remaining)
+                remaining -= len(buf)
+                if observer is not None:
+                    observer.feed(buf)
+                if head:
+                    buf, head = head + buf, b""
+                await self._write(writer, buf)
+        finally:
+            if head:
+                writer.write(head)
         if length == 0:
             await writer.drain()
         return True

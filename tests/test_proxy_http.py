@@ -422,3 +422,57 @@ def test_idle_upstream_connections_are_closed(db_path: Path) -> None:
             r = httpx.post(f"{proxy.url}/v1/chat/completions", content=BODY)
             assert r.status_code == 200  # and a new one is opened when needed
     recorder.close()
+
+
+# Deadlines: the proxy moves one timer per connection instead of making one per read.
+
+
+def test_an_upstream_that_never_answers_gets_a_502_naming_the_timeout(
+    raw_upstream: list[RawUpstream],
+) -> None:
+    up = RawUpstream(b"")  # reads each request, answers nothing
+    raw_upstream.append(up)
+    config = ProxyConfig(port=0, openai=up.url, anthropic=up.url, read_timeout_s=0.3)
+    with ProxyThread(config) as proxy:
+        r = httpx.post(f"{proxy.url}/v1/chat/completions", content=BODY, timeout=30)
+    assert r.status_code == 502
+    assert "did not answer within 0.3 s" in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("sent", [b"", b"{}"], ids=["no body byte", "some of the body"])
+def test_a_body_that_stalls_is_cut_after_the_head_and_what_came(
+    raw_upstream: list[RawUpstream], sent: bytes
+) -> None:
+    # The head waits for the body's first bytes (to go out in one write); when they never come,
+    # the head still reaches the client before the connection is cut.
+    up = RawUpstream(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n" + sent)
+    raw_upstream.append(up)
+    config = ProxyConfig(port=0, openai=up.url, anthropic=up.url, read_timeout_s=0.3)
+    with ProxyThread(config) as proxy:
+        out = _raw(_port(proxy.url), POST + b"Host: x\r\n" + LENGTH_BODY)
+    assert out.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert b"content-length: 10\r\n" in out.lower()
+    assert out.endswith(b"\r\n\r\n" + sent)
+
+
+def test_moved_deadlines_never_cut_a_busy_kept_alive_connection(db_path: Path) -> None:
+    import http.client
+
+    with FakeUpstream() as up:
+        config = ProxyConfig(
+            port=0, openai=up.url, anthropic=up.url, read_timeout_s=0.2, idle_timeout_s=0.2
+        )
+        with ProxyThread(config) as proxy:
+            client = http.client.HTTPConnection("127.0.0.1", _port(proxy.url), timeout=10)
+            # Requests over one client connection (and one upstream one) for several timeouts'
+            # length, each gap shorter than a timeout: the deadline of each read is moved, and
+            # no timer set for an earlier read may end either connection.
+            for _ in range(20):
+                client.request("POST", "/v1/chat/completions", body=BODY)
+                response = client.getresponse()
+                assert response.status == 200
+                assert json.loads(response.read())["usage"]["prompt_tokens"] == 1200
+                time.sleep(0.05)
+            client.close()
+            assert len(up._writers) == 1  # the one pooled upstream connection, still open
+            assert len(up.received) == 20
