@@ -358,6 +358,7 @@ class TokentopApp(App[None]):
         self._last_request: RefreshRequest | None = None
         self._last_build: tuple[Any, float, Snapshot] | None = None
         """(what it was made from, when, the snapshot) of the last full query."""
+        self._pane_list: list[Pane] = []
         self._room_changed = False
         """A table's room changed while a refresh was under way: check again once it is shown."""
         self._exporting = False
@@ -400,8 +401,10 @@ class TokentopApp(App[None]):
 
     @property
     def panes(self) -> list[Pane]:
-        """The five panes, in layout order."""
-        return list(self.query(Pane))
+        """The five panes, in layout order (found once: a DOM query every refresh adds up)."""
+        if not self._pane_list:
+            self._pane_list = list(self.query(Pane))
+        return self._pane_list
 
     def pane(self, pane_id: str) -> Pane:
         """One pane by id (``spend``, ``cost``, ``mix``, ``gpu``, ``sources``)."""

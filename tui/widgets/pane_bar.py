@@ -56,4 +56,4 @@ class PaneBar(Static):
         if hint and line.cell_length + 2 + len(hint) <= width:
             pad = width - line.cell_length - len(hint) - 1
             line = line + " " * pad + Content.styled(hint, "$text-muted")
-        update_static(self, line)
+        update_static(self, line, links=True)

@@ -44,7 +44,11 @@ def _shape(widget: Static, value: Content | Text | str) -> tuple[int, int]:
 
 
 def update_static(
-    widget: Static, value: Content | Text | str, *, layout: bool | None = None
+    widget: Static,
+    value: Content | Text | str,
+    *,
+    layout: bool | None = None,
+    links: bool = False,
 ) -> None:
     """``widget.update(value)`` unless it already shows exactly that.
 
@@ -53,7 +57,13 @@ def update_static(
     widget sized to its content change size; a figure that ticks from ``$1.20`` to ``$1.21``
     repaints its own line and nothing else. ``layout`` overrides that guess (a widget that
     knows its size cannot change passes ``False``).
+
+    ``links``: the value has clickable parts (``@click``). Without them the widget's
+    ``auto_links`` is turned off, or Textual would look for links in every segment of every
+    line it draws (decoding each segment's metadata), a fair part of a live repaint.
     """
+    if widget.auto_links != links:
+        widget.auto_links = links
     key = content_key(value)
     if getattr(widget, "_tokentop_shown", _UNSET) == key:
         return

@@ -170,6 +170,11 @@ class ThemedTable(Widget, can_focus=True):
         """Index of the row under the cursor."""
         self._top = 0
         self._lines: dict[tuple[object, ...], Strip] = {}
+        self._styles: dict[str, Style] = {}
+        """Rich styles by name (see :meth:`_style`), resolved once per theme:
+        looking a component class up through the stylesheet for every cell of every line was
+        most of a repaint's cost."""
+        self._styles_key: object = None
 
     # -- content -------------------------------------------------------------------------------
 
@@ -268,8 +273,31 @@ class ThemedTable(Widget, can_focus=True):
     def on_blur(self) -> None:
         self.refresh()
 
-    def _role_style(self, role: Role) -> Style:
-        return self.get_component_rich_style(f"themed--{role}", partial=True) if role else Style()
+    def notify_style_update(self) -> None:
+        super().notify_style_update()
+        self._styles.clear()
+        self._lines.clear()
+
+    def _style(self, name: str) -> Style:
+        """The rich style called ``name``: ``base`` (the table's own), ``header``, ``cursor``,
+        ``even`` (the line kinds) or ``role-`` and a :data:`Role` (partial: laid over a line's
+        style)."""
+        theme = self.app.theme
+        if theme != self._styles_key:
+            self._styles.clear()
+            self._styles_key = theme
+        style = self._styles.get(name)
+        if style is None:
+            if name == "base":
+                style = self.rich_style
+            elif name in ("header", "cursor", "even"):
+                style = self.get_component_rich_style(f"table--{name}")
+            elif name != "role-":
+                style = self.get_component_rich_style(f"themed--{name[5:]}", partial=True)
+            else:
+                style = Style()
+            self._styles[name] = style
+        return style
 
     def render_line(self, y: int) -> Strip:
         width = self.size.width
@@ -277,7 +305,7 @@ class ThemedTable(Widget, can_focus=True):
             return self._line(("header",), [(c.label, "", c.right) for c in self.columns], width)
         index = self._top + y - 1
         if index >= len(self._keys):
-            return Strip.blank(width, self.rich_style)
+            return Strip.blank(width, self._style("base"))
         key = self._keys[index]
         row = self._rows[key]
         cursor = self.has_focus and index == self.cursor_row
@@ -290,19 +318,14 @@ class ThemedTable(Widget, can_focus=True):
         strip = self._lines.get(key)
         if strip is not None:
             return strip
-        base = self.rich_style
-        line_style = {
-            "header": self.get_component_rich_style("table--header"),
-            "cursor": self.get_component_rich_style("table--cursor"),
-            "even": self.get_component_rich_style("table--even"),
-        }.get(kind[0])
-        row_style = base + line_style if line_style is not None else base
+        base = self._style("base")
+        row_style = base + self._style(kind[0]) if kind[0] != "odd" else base
         segments: list[Segment] = []
         for column, (text, role, right) in zip(self.columns, cells, strict=False):
             text = fit(text, column.width)
             padding = " " * (column.width - cell_len(text))
             body = padding + text if right else text + padding
-            style = row_style + self._role_style(role) if kind[0] != "cursor" else row_style
+            style = row_style + self._style("role-" + role) if kind[0] != "cursor" else row_style
             segments += [
                 Segment(" " * PAD, row_style),
                 Segment(body, style),
