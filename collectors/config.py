@@ -31,6 +31,19 @@ from tokentop.store.retention_policy import Retention
 
 APP = "tokentop"
 
+PROVIDER_INTERVAL_MIN_S = 30.0
+"""The shortest poll interval of a provider's admin API: it is rate limited, and its buckets are
+whole minutes (Anthropic asks for no more than one poll a minute sustained)."""
+LOCAL_INTERVAL_MIN_S = 0.2
+"""The shortest poll interval of a local source (GPU, inference server, demo)."""
+REFRESH_MIN_S = 0.1
+"""The shortest refresh of the TUI's panes."""
+PUE_MAX = Decimal(3)
+"""A power usage effectiveness above this is a typo (real data centres are 1.1 to 2)."""
+AMOUNT_MAX = Decimal(10**9)
+"""The largest amount (dollars, a price, a budget) the config accepts: far above any real one,
+and it keeps the exact arithmetic on it in range."""
+
 
 class ConfigError(ValueError):
     """A bad configuration value; the message is one line naming the value."""
@@ -177,13 +190,13 @@ def parse_config(raw: dict[str, Any], path: Path | None = None) -> Config:
         path=path,
         budget_daily_usd=_money(raw, "budget_daily_usd", where),
         budget_monthly_usd=_money(raw, "budget_monthly_usd", where),
-        refresh_s=_positive(raw, "refresh_s", where, 1.0),
+        refresh_s=_interval(raw, "refresh_s", where, 1.0, REFRESH_MIN_S),
         pricing=_pricing(raw.get("pricing", {}), where),
         openai=_provider(raw.get("openai", {}), "openai", "OPENAI_ADMIN_KEY", where),
         anthropic=_provider(raw.get("anthropic", {}), "anthropic", "ANTHROPIC_ADMIN_KEY", where),
         gpu_rates=tuple(_gpu_rate(t, where) for t in _tables(raw, "gpu", where)),
         nvml=_opt_bool(raw, "nvml", where),
-        gpu_interval_s=_positive(raw, "gpu_interval_s", where, 5.0),
+        gpu_interval_s=_interval(raw, "gpu_interval_s", where, 5.0, LOCAL_INTERVAL_MIN_S),
         inference=tuple(_endpoint(t, where) for t in _tables(raw, "inference", where)),
         compare_to=_str(raw, "compare_to", where, "gpt-4o-mini"),
         alerts=_alerts(raw, where),
@@ -212,6 +225,8 @@ def _decimal(value: Any, name: str, where: str) -> Decimal:
         raise ConfigError(f"{where}: {name} must be a number, got {value!r}") from None
     if not result.is_finite() or result < 0:
         raise ConfigError(f"{where}: {name} must be a non-negative number, got {value!r}")
+    if result > AMOUNT_MAX:
+        raise ConfigError(f"{where}: {name} must be at most {AMOUNT_MAX:,}, got {value!r}")
     return result
 
 
@@ -240,6 +255,19 @@ def _positive(raw: dict[str, Any], key: str, where: str, default: float, prefix:
     ):
         raise ConfigError(f"{where}: {prefix}{key} must be a positive number, got {value!r}")
     return float(value)
+
+
+def _interval(
+    raw: dict[str, Any], key: str, where: str, default: float, floor: float, prefix: str = ""
+) -> float:
+    """Seconds between two polls or refreshes, at least ``floor`` (a tiny interval would poll
+    an API thousands of times a minute)."""
+    value = _positive(raw, key, where, default, prefix)
+    if value < floor:
+        raise ConfigError(
+            f"{where}: {prefix}{key} must be at least {floor:g} seconds, got {raw[key]!r}"
+        )
+    return value
 
 
 def _str(raw: dict[str, Any], key: str, where: str, default: str, prefix: str = "") -> str:
@@ -304,9 +332,12 @@ def _pricing(raw: Any, where: str) -> PricingConfig:
         def opt(key: str, table: dict[str, Any] = table, name: str = name) -> Decimal | None:
             return _decimal(table[key], f"{name}.{key}", where) if key in table else None
 
+        provider = table.get("provider", "")
+        if not isinstance(provider, str):
+            raise ConfigError(f"{where}: {name}.provider must be a string, got {provider!r}")
         models.append(
             ModelPriceOverride(
-                provider=str(table.get("provider", "")),
+                provider=provider,
                 model=table["model"],
                 input_per_mtok=_decimal(table["input_per_mtok"], f"{name}.input_per_mtok", where),
                 output_per_mtok=_decimal(
@@ -392,7 +423,7 @@ def _provider(raw: Any, name: str, key_env: str, where: str) -> ProviderConfig:
         enabled=_opt_bool(raw, "enabled", where, p),
         key_env=_str(raw, "key_env", where, key_env, p),
         base_url=base_url,
-        interval_s=_positive(raw, "interval_s", where, 60.0, p),
+        interval_s=_interval(raw, "interval_s", where, 60.0, PROVIDER_INTERVAL_MIN_S, p),
         backfill_hours=backfill,
         costs=True if costs is None else costs,
     )
@@ -405,12 +436,16 @@ def _gpu_rate(raw: dict[str, Any], where: str) -> GpuRate:
         raise ConfigError(f"{where}: gpu.mode must be 'rented' or 'owned', got {mode!r}")
     if "usd_per_hour" not in raw:
         raise ConfigError(f"{where}: a [[gpu]] table needs usd_per_hour")
+    pue = _decimal(raw.get("pue", "1.5"), "gpu.pue", where)
+    if not 1 <= pue <= PUE_MAX:
+        # Every watt at the GPU costs at least one at the meter.
+        raise ConfigError(f"{where}: gpu.pue must be from 1 to {PUE_MAX}, got {raw['pue']!r}")
     return GpuRate(
         match=_str(raw, "match", where, "*", "gpu."),
         usd_per_hour=_decimal(raw["usd_per_hour"], "gpu.usd_per_hour", where),
         mode=mode,
         usd_per_kwh=_decimal(raw.get("usd_per_kwh", "0.10"), "gpu.usd_per_kwh", where),
-        pue=_decimal(raw.get("pue", "1.5"), "gpu.pue", where),
+        pue=pue,
     )
 
 

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import operator
 import sqlite3
+import stat
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -53,6 +54,7 @@ from typing import Any
 
 import sqlite_utils
 
+from tokentop.store.readonly import connect_readonly
 from tokentop.store.records import (
     USAGE_DIMENSIONS,
     Batch,
@@ -385,6 +387,52 @@ class StoreError(ValueError):
     """The database file cannot be used as it is (e.g. an older schema opened read-only)."""
 
 
+def _connect(path: Path, readonly: bool) -> sqlite3.Connection:
+    """Open ``path``: read-only (``mode=ro``, the file must exist) or for writing (its folder is
+    created). A path that cannot hold a database raises :class:`StoreError` (one line)."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        mode = None
+    except OSError as exc:  # a parent that is a file, a loop, no permission on a folder
+        raise StoreError(f"{path}: cannot use as a database: {_reason(path, exc)}") from None
+    if mode is not None and stat.S_ISDIR(mode):
+        raise StoreError(f"{path}: is a folder, not a database file")
+    if mode is not None and not stat.S_ISREG(mode):
+        # /dev/null, a FIFO, a socket: SQLite would fail later, or lose every write.
+        raise StoreError(f"{path}: is not a regular file, cannot hold a database")
+    try:
+        if readonly:
+            if mode is None:
+                raise StoreError(f"no database at {path}")
+            return connect_readonly(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return sqlite3.connect(path, check_same_thread=False, timeout=10)
+    except (OSError, sqlite3.Error) as exc:
+        raise StoreError(_cannot_use(path, exc, readonly)) from None
+
+
+def _reason(path: Path, exc: OSError) -> str:
+    if isinstance(exc, FileExistsError | NotADirectoryError):
+        for parent in reversed(path.parents):  # the topmost one that is not a folder
+            if parent.exists() and not parent.is_dir():
+                return f"{parent} is not a folder"
+        return "a parent is not a folder"
+    return exc.strerror or str(exc)
+
+
+def _cannot_use(path: Path, exc: OSError | sqlite3.Error, readonly: bool) -> str:
+    """One line saying why ``path`` cannot be opened (or used) as a database."""
+    if isinstance(exc, OSError):
+        return f"{path}: cannot use as a database: {_reason(path, exc)}"
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if "readonly" in text.replace("read-only", "readonly") and not readonly:
+        return f"{path}: cannot write the database ({text}; check the permissions)"
+    if "not a database" in text or "malformed" in text:
+        return f"{path}: not a usable SQLite database ({text})"
+    return f"{path}: cannot {'read' if readonly else 'open'} the database ({text})"
+
+
 _SERIES_INSERT = (
     f"INSERT INTO series ({_SERIES}, stream_id)"
     f" VALUES ({', '.join('?' * (len(SERIES_COLUMNS) + 1))}) ON CONFLICT DO NOTHING"
@@ -429,12 +477,7 @@ class Store:
     def __init__(self, path: Path | str, *, readonly: bool = False) -> None:
         self.path = Path(path)
         self.readonly = readonly
-        if readonly:
-            uri = f"{self.path.resolve().as_uri()}?mode=ro"
-            conn = sqlite3.connect(uri, uri=True, check_same_thread=False, timeout=10)
-        else:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(self.path, check_same_thread=False, timeout=10)
+        conn = _connect(self.path, readonly)
         conn.isolation_level = None
         self.conn = conn
         # Neither sqlite-utils' default PRAGMA recursive_triggers nor its plugins' connection hooks:
@@ -463,6 +506,11 @@ class Store:
                 _enable_wal(self.db)
                 conn.execute("PRAGMA synchronous = NORMAL")
                 self._migrate()
+        except sqlite3.Error as exc:
+            # Not a database, a truncated one, a device, a read-only file for a writer: one
+            # line naming the file, never a traceback.
+            conn.close()
+            raise StoreError(_cannot_use(self.path, exc, readonly)) from None
         except BaseException:
             conn.close()
             raise
@@ -493,6 +541,12 @@ class Store:
 
     def _check_version(self) -> None:
         version = self._schema_version()
+        if self.readonly and version is None and not self._is_v1():
+            # A reader never creates a schema: an empty file stays empty.
+            raise StoreError(
+                f"{self.path}: not a tokentop database (no tokentop tables; `tokentop collect`"
+                " creates them)"
+            )
         if version is not None and version > SCHEMA_VERSION:
             raise StoreError(
                 f"{self.path}: database schema version {version} is newer than this tokentop"
@@ -558,6 +612,23 @@ class Store:
                 self._prices.clear()
                 raise
             self.conn.execute("COMMIT")
+
+    @contextmanager
+    def read_snapshot(self) -> Iterator[Store]:
+        """Queries inside see one consistent state of the file (one read transaction, ``BEGIN
+        DEFERRED`` to ``COMMIT``): a write committed meanwhile by another connection does not
+        show up between two of them. Holds this connection's lock, so other threads using it
+        wait; nests (an inner one joins the outer)."""
+        with self._lock:
+            if self.conn.in_transaction:
+                yield self
+                return
+            self.conn.execute("BEGIN DEFERRED")
+            try:
+                yield self
+            finally:
+                if self.conn.in_transaction:
+                    self.conn.execute("COMMIT")
 
     def query(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[sqlite3.Row]:
         """Run a read query and return its rows (each row indexable by name)."""

@@ -14,6 +14,7 @@ from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
 
+from tokentop.store.readonly import connect_readonly
 from tokentop.store.records import from_epoch, nano_to_usd, to_epoch
 
 HOUR = 3600
@@ -81,8 +82,7 @@ def read_status(path: Path, now: datetime) -> StatusFigures:
     Raises:
         sqlite3.Error: the file is not a tokentop database (or cannot be read).
     """
-    uri = f"{path.resolve().as_uri()}?mode=ro"
-    conn = sqlite3.connect(uri, uri=True, timeout=5)
+    conn = connect_readonly(path, timeout=5)
     try:
         t = to_epoch(now)
         end = t + 1

@@ -283,6 +283,30 @@ BAD: list[tuple[str, str]] = [
         "[[inference]]\nurl = 'http://127.0.0.1'\nkind = 'ollama'",
         "inference.kind 'ollama' is not one of vllm",
     ),
+    # Interval floors: a provider's API at most every 30 s, a local source every 0.2 s.
+    ("refresh_s = 0.05", "refresh_s must be at least 0.1 seconds, got 0.05"),
+    ("gpu_interval_s = 0.1", "gpu_interval_s must be at least 0.2 seconds, got 0.1"),
+    ("[openai]\ninterval_s = 1e-9", "openai.interval_s must be at least 30 seconds, got 1e-09"),
+    ("[anthropic]\ninterval_s = 29.5", "anthropic.interval_s must be at least 30 seconds"),
+    # GPU and price values in range.
+    ("[[gpu]]\nusd_per_hour = 1\npue = 0", "gpu.pue must be from 1 to 3, got 0"),
+    ("[[gpu]]\nusd_per_hour = 1\npue = 0.9", "gpu.pue must be from 1 to 3, got 0.9"),
+    ("[[gpu]]\nusd_per_hour = 1\npue = 30", "gpu.pue must be from 1 to 3, got 30"),
+    ("[[gpu]]\nusd_per_hour = 1\npue = nan", "gpu.pue must be a non-negative number, got nan"),
+    ("[[gpu]]\nusd_per_hour = inf", "gpu.usd_per_hour must be a non-negative number, got inf"),
+    ("[[gpu]]\nusd_per_hour = 1e12", "gpu.usd_per_hour must be at most 1,000,000,000"),
+    ("[[gpu]]\nusd_per_hour = '1e400'", "gpu.usd_per_hour must be at most 1,000,000,000"),
+    ("[[gpu]]\nusd_per_hour = 1\nusd_per_kwh = -inf", "gpu.usd_per_kwh must be a non-negative"),
+    ("budget_daily_usd = 1e30", "budget_daily_usd must be at most 1,000,000,000, got 1e+30"),
+    (
+        "[[pricing.model]]\nprovider = 5\nmodel = 'x'\ninput_per_mtok = 1\noutput_per_mtok = 1",
+        "pricing.model[0].provider must be a string, got 5",
+    ),
+    (
+        "[[pricing.model]]\nmodel = 'x'\ninput_per_mtok = 1\noutput_per_mtok = inf",
+        "pricing.model[0].output_per_mtok must be a non-negative number, got inf",
+    ),
+    ("[[pricing.tier]]\ntier = 'flex'\nshare_of_list = -0.5", "share_of_list must be a non-neg"),
 ]
 
 
@@ -349,3 +373,15 @@ def test_demo_sources_need_no_keys() -> None:
 
 def test_nothing_configured_builds_no_api_sources() -> None:
     assert build_sources(Config(nvml=False)) == []
+
+
+def test_the_floors_and_bounds_themselves_are_accepted() -> None:
+    c = parse_config(
+        tomllib.loads(
+            "refresh_s = 0.1\ngpu_interval_s = 0.2\n[openai]\ninterval_s = 30\n"
+            "[[gpu]]\nusd_per_hour = 0\npue = 1\n[[gpu]]\nmatch = 'H100'\nusd_per_hour = 2\n"
+            "pue = 3\n"
+        )
+    )
+    assert (c.refresh_s, c.gpu_interval_s, c.openai.interval_s) == (0.1, 0.2, 30.0)
+    assert [r.pue for r in c.gpu_rates] == [1, 3]

@@ -28,7 +28,7 @@ from textual.pilot import Pilot
 from textual.reactive import reactive
 from textual.screen import Screen
 from textual.widgets import Footer, Input
-from textual.worker import Worker, WorkerState, get_current_worker
+from textual.worker import Worker, WorkerCancelled, WorkerState, get_current_worker
 
 from tokentop.collectors.base import utcnow
 from tokentop.collectors.config import APP, Config
@@ -148,6 +148,8 @@ class TokentopApp(App[None]):
         collector_factory: builds a runner for this database; when the collector this app
             watches stops, the app takes the collecting over with one (``None``: never).
         watch_only: never collect; say so when the collector watched stops.
+        readonly: open the database read-only (``mode=ro``: it must exist, and is never
+            written); for viewers that never collect, e.g. ``--watch-only`` and ``export``.
     """
 
     CSS_PATH = "app.tcss"
@@ -300,6 +302,7 @@ class TokentopApp(App[None]):
         note: str = "",
         collector_factory: Callable[[], Runner] | None = None,
         watch_only: bool = False,
+        readonly: bool = False,
         snapshot_builder: Callable[[RefreshRequest], Snapshot] | None = None,
         via: Callable[[Snapshot | None], str] | None = None,
     ) -> None:
@@ -318,6 +321,8 @@ class TokentopApp(App[None]):
         self.refresh_s = refresh_s
         self.collector_factory = None if watch_only else collector_factory
         self.watch_only = watch_only
+        self.readonly = readonly
+        """The app's own connection is read-only (it never collects)."""
         self.snapshot_builder = snapshot_builder
         """Builds each refresh instead of the database (``--prometheus``: from PromQL)."""
         self.via = via
@@ -415,7 +420,7 @@ class TokentopApp(App[None]):
         wait on the runner's write lock, which must not block the event loop)."""
         with self._store_lock:
             if self.store is None:
-                self.store = Store(self.db_path)
+                self.store = Store(self.db_path, readonly=self.readonly)
             return self.store
 
     def on_mount(self) -> None:
@@ -769,7 +774,8 @@ class TokentopApp(App[None]):
                 holder_alive=holder is not None and holder.alive(request.now),
                 elapsed_s=0.0,
             )
-        snapshot = build_snapshot(store, request)
+        with store.read_snapshot():  # every pane's figures from one state of the file
+            snapshot = build_snapshot(store, request)
         self._last_build = (key, time.monotonic(), snapshot)
         return snapshot
 
@@ -1076,10 +1082,9 @@ class TokentopApp(App[None]):
                 # Its own connection, so its transaction cannot mix with a refresh's queries.
                 store = Store(self.db_path, readonly=True)
                 try:
-                    store.query("BEGIN")  # one read snapshot for the panes and the report
-                    snapshot = build_snapshot(store, request)
-                    texts = self._report_texts(store, request, sort)
-                    store.query("COMMIT")
+                    with store.read_snapshot():  # one read for the panes and the report
+                        snapshot = build_snapshot(store, request)
+                        texts = self._report_texts(store, request, sort)
                 finally:
                     store.close()
         except BaseException:
@@ -1161,7 +1166,19 @@ class TokentopApp(App[None]):
 
         async def auto_pilot(pilot: Pilot[object]) -> None:
             await pilot.pause()
-            await pilot.app.workers.wait_for_complete()
+            # A refresh asked for while one runs (a table given more room, say) cancels it:
+            # wait until none is left rather than fail on the cancelled one.
+            for _ in range(50):
+                running = [w for w in pilot.app.workers if not w.is_finished]
+                if not running:
+                    break
+                results = await asyncio.gather(*(w.wait() for w in running), return_exceptions=True)
+                for result in results:
+                    if isinstance(result, BaseException) and not isinstance(
+                        result, WorkerCancelled
+                    ):
+                        raise result
+                await pilot.pause()
             await pilot.pause()
             captured.append(pilot.app.export_screenshot())
             pilot.app.exit()

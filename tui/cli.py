@@ -30,6 +30,14 @@ FAILURE = 1
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+"""The earliest time a window may start: nothing was metered before, and dates stay in range."""
+LATEST = datetime(3000, 1, 1, tzinfo=UTC)
+"""The latest end of a window: the window before it (of equal length, for the change
+columns) still starts after year 1."""
+MAX_TOKENS = 10**15
+"""Token counts ``price`` accepts: a quadrillion tokens is far above any real query, and keeps
+the arithmetic on prices exact."""
 
 
 class _CleanFormatter(logging.Formatter):
@@ -53,17 +61,22 @@ def parse_since(value: str, now: datetime) -> datetime:
     """``15m``, ``1h``, ``7d`` ago, or an ISO timestamp (UTC unless it says otherwise)."""
     m = _DURATION.match(value)
     if m:
-        return now - timedelta(seconds=float(m.group(1)) * _UNITS[m.group(2)])
+        seconds = float(m.group(1)) * _UNITS[m.group(2)]
+        if seconds > (now - EPOCH).total_seconds():
+            raise UsageError(f"--since: {value!r} reaches back before 1970-01-01")
+        return now - timedelta(seconds=seconds)
     try:
         when = datetime.fromisoformat(value.strip())
-    except ValueError:
+        when = (when if when.tzinfo else when.replace(tzinfo=UTC)).astimezone(UTC)
+    except (ValueError, OverflowError):
         raise UsageError(
             f"--since: cannot read {value!r} (use 15m, 1h, 7d or an ISO timestamp)"
         ) from None
-    when = when if when.tzinfo else when.replace(tzinfo=UTC)
     if when > now:
         raise UsageError(f"--since: {value!r} is in the future")
-    return when.astimezone(UTC)
+    if when < EPOCH:
+        raise UsageError(f"--since: {value!r} is before 1970-01-01")
+    return when
 
 
 def _count(value: str) -> int:
@@ -77,27 +90,36 @@ def _count(value: str) -> int:
         raise argparse.ArgumentTypeError(
             f"expected a non-negative whole number of tokens, got {value!r}"
         )
+    if number > MAX_TOKENS:
+        raise argparse.ArgumentTypeError(f"expected at most 10^15 tokens, got {value!r}")
     return number
 
 
 def _interval(value: str) -> float:
+    from tokentop.collectors.config import LOCAL_INTERVAL_MIN_S
+
     try:
         number = float(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected seconds, got {value!r}") from None
-    if not number > 0 or number > 86400:
-        raise argparse.ArgumentTypeError(f"expected seconds between 0 and 86400, got {value!r}")
+    if not LOCAL_INTERVAL_MIN_S <= number <= 86400:  # also refuses nan
+        raise argparse.ArgumentTypeError(
+            f"expected seconds from {LOCAL_INTERVAL_MIN_S:g} to 86400, got {value!r}"
+        )
     return number
 
 
 def _at(value: str) -> datetime:
     try:
         when = datetime.fromisoformat(value)
-    except ValueError:
+        when = (when if when.tzinfo else when.replace(tzinfo=UTC)).astimezone(UTC)
+    except (ValueError, OverflowError):
         raise argparse.ArgumentTypeError(
             f"expected a date or ISO timestamp, got {value!r}"
         ) from None
-    return when if when.tzinfo else when.replace(tzinfo=UTC)
+    if not EPOCH <= when < LATEST:
+        raise argparse.ArgumentTypeError(f"expected a date from 1970 to 2999, got {value!r}")
+    return when
 
 
 def _common(suppress: bool) -> argparse.ArgumentParser:
@@ -272,19 +294,28 @@ def _context(args: argparse.Namespace) -> _Context:
     return _Context(args, config, db_path, "demo" if args.demo else "")
 
 
+_NO_STDOUT = frozenset({"tui", "collect", "proxy"})
+"""Commands whose results do not go to standard output."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
+    db_path: Path | None = None
     try:
         args = build_parser().parse_args(argv)
+        command = args.command or "tui"
+        if sys.stdout is None and command not in _NO_STDOUT and not getattr(args, "output", None):
+            print("tokentop: error: standard output is closed", file=sys.stderr)
+            return FAILURE
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(_CleanFormatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
         logging.basicConfig(
             level=logging.INFO if args.verbose else logging.CRITICAL, handlers=[handler]
         )
         ctx = _context(args)
+        db_path = ctx.db_path
         from tokentop.tui import cli_alerts, cli_db, cli_meter
 
-        command = args.command or "tui"
         handler = {
             "tui": _tui,
             "collect": _collect,
@@ -298,26 +329,78 @@ def main(argv: Sequence[str] | None = None) -> int:
         }[command]
         return handler(ctx)
     except (UsageError, ConfigError) as exc:
-        from tokentop.tui import cli_alerts
-
-        if cli_alerts.is_check(argv):  # the monitoring-plugin convention: UNKNOWN, exit 3
-            return cli_alerts.check_usage_error(exc)
-        print(f"tokentop: error: {clean(exc)}", file=sys.stderr)
-        return USAGE_ERROR
+        return _usage_error(exc, argv)
+    except BrokenPipeError:
+        # The reader went away (``| head``): say so once; nothing more can be written there.
+        _silence_stdout()
+        print("tokentop: error: standard output closed before all was written", file=sys.stderr)
+        return FAILURE
+    except Exception as exc:
+        if _is_store_error(exc):
+            # A database file that cannot be used is a bad --db (or TOKENTOP_DB) value.
+            return _usage_error(exc, argv)
+        sqlite = sys.modules.get("sqlite3")
+        if sqlite is None or not isinstance(exc, sqlite.Error):
+            raise
+        # Found broken while reading (a truncated file, a disk error): a runtime failure.
+        where = f"{db_path}: " if db_path is not None else ""
+        print(f"tokentop: error: {clean(where)}database error: {clean(exc)}", file=sys.stderr)
+        return FAILURE
     except KeyboardInterrupt:
         return 130
 
 
-def _open_store(ctx: _Context, *, must_exist: bool) -> Any:
+def _usage_error(exc: Exception, argv: Sequence[str] | None) -> int:
+    from tokentop.tui import cli_alerts
+
+    if cli_alerts.is_check(argv):  # the monitoring-plugin convention: UNKNOWN, exit 3
+        return cli_alerts.check_usage_error(exc)
+    print(f"tokentop: error: {clean(exc)}", file=sys.stderr)
+    return USAGE_ERROR
+
+
+def _is_store_error(exc: BaseException) -> bool:
+    # Without importing the store (``status`` starts without it): no store, no StoreError.
+    db = sys.modules.get("tokentop.store.db")
+    return db is not None and isinstance(exc, db.StoreError)
+
+
+def _silence_stdout() -> None:
+    """Point standard output at /dev/null, so that the flush at exit raises nothing more."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+def _open_store(ctx: _Context, *, must_exist: bool, readonly: bool = False) -> Any:
+    """The database: a reader's opens read-only (never a write, never a schema; the file must
+    exist), a writer's creates the file and its schema when missing."""
     from tokentop.store.db import Store
 
-    if must_exist and not ctx.db_path.exists():
+    if (must_exist or readonly) and not _exists(ctx.db_path):
         hint = "tokentop collect --demo --once" if ctx.args.demo else "tokentop collect"
         raise UsageError(f"no database at {ctx.db_path} (run `{hint}` first, or pass --db)")
-    store = Store(ctx.db_path)
-    if ctx.label:
+    store = Store(ctx.db_path, readonly=readonly)
+    if ctx.label and not readonly:
         store.set_meta("label", ctx.label)
     return store
+
+
+def _exists(path: Path) -> bool:
+    """Whether something is at ``path`` (what it is, the store says); ``False`` for a path
+    under a file (``/etc/passwd/x.db``), which the store names as such."""
+    try:
+        path.stat()
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True  # let the store say what is wrong with it
+    return True
 
 
 def _tui(ctx: _Context) -> int:
@@ -328,9 +411,11 @@ def _tui(ctx: _Context) -> int:
 
     if cli_prometheus.prometheus_url(ctx):
         return cli_prometheus.tui(ctx)
-    store = _open_store(ctx, must_exist=False)
-    label = ctx.label or (store.get_meta("label") or "")
     watch_only = bool(ctx.args.watch_only)
+    # Only watching: read-only, so a viewer without write access can watch, and nothing is
+    # created (the collector watched makes the file).
+    store = _open_store(ctx, must_exist=False, readonly=watch_only)
+    label = ctx.label or (store.get_meta("label") or "")
 
     def make_runner() -> Runner:
         # A viewer that collects hands over to a ``tokentop collect`` that asks (role "tui").
@@ -360,6 +445,7 @@ def _tui(ctx: _Context) -> int:
         export_formats=ctx.args.export_format,
         collector_factory=None if watch_only else make_runner,
         watch_only=watch_only,
+        readonly=watch_only,
     )
     try:
         app.run()
@@ -505,9 +591,11 @@ def _window(ctx: _Context, since: str) -> tuple[datetime, datetime, datetime]:
         return start, now + timedelta(seconds=1), now
     try:
         end = datetime.fromisoformat(until.strip())
-    except ValueError:
+        end = (end if end.tzinfo else end.replace(tzinfo=UTC)).astimezone(UTC)
+    except (ValueError, OverflowError):
         raise UsageError(f"--until: cannot read {until!r} (use an ISO timestamp)") from None
-    end = (end if end.tzinfo else end.replace(tzinfo=UTC)).astimezone(UTC)
+    if end >= LATEST:
+        raise UsageError(f"--until: {until!r} is after 2999")
     if end <= start:
         raise UsageError(f"--until: {until!r} is not after --since {since!r}")
     return start, end, now
@@ -525,32 +613,35 @@ def _build_report(ctx: _Context, since: str) -> dict[str, Any]:
     from tokentop.store.report import build_report
 
     start, end, now = _window(ctx, since)
-    store = _open_store(ctx, must_exist=True)
+    rates = [
+        {
+            "match": r.match,
+            "usd_per_hour": str(r.usd_per_hour),
+            "mode": r.mode,
+            "usd_per_kwh": str(r.usd_per_kwh),
+            "pue": str(r.pue),
+        }
+        for r in ctx.config.gpu_rates
+    ]
+    prices = PriceBook(ctx.config.pricing).describe()
+    store = _open_store(ctx, must_exist=True, readonly=True)
     try:
-        label = store.get_meta("label") or ctx.label
-        rates = [
-            {
-                "match": r.match,
-                "usd_per_hour": str(r.usd_per_hour),
-                "mode": r.mode,
-                "usd_per_kwh": str(r.usd_per_kwh),
-                "pue": str(r.pue),
-            }
-            for r in ctx.config.gpu_rates
-        ]
-        return build_report(
-            store,
-            start,
-            end,
-            now,
-            PriceBook(ctx.config.pricing).describe(),
-            label,
-            rates,
-            text=ctx.args.filter,
-            group=ctx.args.group_by,
-            sort=ctx.args.sort,
-            window=since if not ctx.args.until else "",
-        )
+        # One read transaction: a write landing between two of the report's queries cannot
+        # make a total differ from the sum of its rows.
+        with store.read_snapshot():
+            return build_report(
+                store,
+                start,
+                end,
+                now,
+                prices,
+                store.get_meta("label") or ctx.label,
+                rates,
+                text=ctx.args.filter,
+                group=ctx.args.group_by,
+                sort=ctx.args.sort,
+                window=since if not ctx.args.until else "",
+            )
     finally:
         store.close()
 
@@ -593,13 +684,14 @@ def _export_svg(ctx: _Context) -> str:
     from tokentop.tui.app import TokentopApp
 
     start, end, now = _window(ctx, ctx.args.since)
-    store = _open_store(ctx, must_exist=True)
+    store = _open_store(ctx, must_exist=True, readonly=True)
     label = store.get_meta("label") or ctx.label
     store.close()
     until = end if ctx.args.until else now
     app = TokentopApp(
         ctx.db_path,
         config=ctx.config,
+        readonly=True,
         label=label,
         window_span=until - start,
         clock=lambda: until,
@@ -706,8 +798,8 @@ def _sources(ctx: _Context) -> int:
     now = utcnow()
     configured = [(c.name, c.kind) for c in build_sources(ctx.config, demo=ctx.args.demo)]
     health = {}
-    if ctx.db_path.exists():
-        store = Store(ctx.db_path)
+    if _exists(ctx.db_path):
+        store = Store(ctx.db_path, readonly=True)
         try:
             health = {h.name: h for h in queries.sources(store, now)}
         finally:
