@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from tokentop.store.records import Batch
+if TYPE_CHECKING:  # the records only as types: `tokentop status` imports this for utcnow
+    from tokentop.store.records import Batch
 
 Clock = Callable[[], datetime]
 """Returns the current time, timezone-aware UTC. Injected so tests can freeze or move it."""

@@ -25,7 +25,7 @@ from tokentop.collectors.metrics_config import (
     parse_metrics,
     parse_prometheus,
 )
-from tokentop.pricing.book import STANDARD_TIERS, ModelPriceOverride, PricingConfig, TierRule
+from tokentop.pricing.config import STANDARD_TIERS, ModelPriceOverride, PricingConfig, TierRule
 from tokentop.pricing.gpu import GpuRate
 from tokentop.store.retention_policy import Retention
 

@@ -26,6 +26,12 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
+from tokentop.pricing.config import EPOCH as EPOCH
+from tokentop.pricing.config import STANDARD_TIERS as STANDARD_TIERS
+from tokentop.pricing.config import ModelPriceOverride as ModelPriceOverride
+from tokentop.pricing.config import PricingConfig as PricingConfig
+from tokentop.pricing.config import TierRule as TierRule
+
 if TYPE_CHECKING:
     import genai_prices
     from genai_prices import Usage
@@ -46,10 +52,7 @@ def _import_genai_prices() -> None:
 _MISSING = object()
 MILLION = Decimal(1_000_000)
 THOUSAND = Decimal(1_000)
-EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
-STANDARD_TIERS = frozenset({"", "default", "standard", "standard_only"})
-"""Service tier names that mean list price (OpenAI ``default``, Anthropic ``standard``)."""
 FLAG_MARK = "[flagged: "
 """Starts the part of a price reference saying why its figure may be off (e.g. an unknown tier
 priced at list). ``store/report.py`` finds flagged references by the same text."""
@@ -60,62 +63,12 @@ _CONTEXT_WINDOW = re.compile(
 _SCALE = {"": 1, "k": 1_000, "m": 1_000_000}
 
 
-@dataclass(frozen=True, slots=True)
-class ModelPriceOverride:
-    """A user's price for a model, per million tokens, in force from ``effective``."""
-
-    provider: str
-    model: str
-    input_per_mtok: Decimal
-    output_per_mtok: Decimal
-    cache_read_per_mtok: Decimal | None = None
-    """Defaults to the input price when not given."""
-    cache_write_per_mtok: Decimal | None = None
-    """5-minute cache writes; defaults to the input price."""
-    cache_write_1h_per_mtok: Decimal | None = None
-    """1-hour cache writes; defaults to the 5-minute write price."""
-    web_search_per_k: Decimal | None = None
-    """Per thousand web searches; defaults to zero."""
-    effective: datetime = datetime(1970, 1, 1, tzinfo=UTC)
-
-
-@dataclass(frozen=True, slots=True)
-class TierRule:
-    """A service tier priced as a share of list prices, in force from ``effective``.
-
-    Token kinds are scaled; web searches stay at list. The latest rule in force wins; a rule
-    naming a provider wins over one for every provider of the same date.
-    """
-
-    tier: str
-    """The tier it prices: ``batch``, or a ``service_tier`` value such as ``flex``."""
-    share_of_list: Decimal
-    """Multiplier on list prices: ``0.5`` is half of list (the Batch API's 50 % off)."""
-    provider: str = ""
-    """``""``: every provider."""
-    effective: datetime = EPOCH
-    source: str = "config"
-    """``built-in`` or ``config``: a config rule wins over genai-prices' own tier prices."""
-
-
 BUILTIN_TIER_RULES: tuple[TierRule, ...] = (
     TierRule("batch", Decimal("0.5"), "openai", datetime(2024, 4, 15, tzinfo=UTC), "built-in"),
     TierRule("batch", Decimal("0.5"), "anthropic", datetime(2024, 10, 8, tzinfo=UTC), "built-in"),
 )
 """The providers' published batch rules, used where genai-prices has no batch price: OpenAI's
 Batch API (launched 2024-04-15) and Anthropic's Message Batches (2024-10-08), 50 % of list."""
-
-
-@dataclass(frozen=True, slots=True)
-class PricingConfig:
-    """Price overrides and discounts (the ``[pricing]`` section of the config file)."""
-
-    models: tuple[ModelPriceOverride, ...] = ()
-    """Custom models, or replacements for listed ones, each with an effective date."""
-    discounts: dict[str, Decimal] = field(default_factory=dict)
-    """Per-provider discount as a fraction (``0.1`` is 10 % off list prices)."""
-    tiers: tuple[TierRule, ...] = ()
-    """Tier rules (``[[pricing.tier]]``); they win over genai-prices and the built-in rules."""
 
 
 @dataclass(frozen=True, slots=True)

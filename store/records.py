@@ -7,10 +7,14 @@ here. Money is integer nano-dollars (``1 USD == 1_000_000_000``); time is timezo
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from decimal import ROUND_HALF_EVEN, Decimal
+from datetime import datetime
 
-NANO_PER_USD = 1_000_000_000
+from tokentop.store.basics import GROUPS as GROUPS
+from tokentop.store.basics import NANO_PER_USD as NANO_PER_USD
+from tokentop.store.basics import from_epoch as from_epoch
+from tokentop.store.basics import nano_to_usd as nano_to_usd
+from tokentop.store.basics import to_epoch as to_epoch
+from tokentop.store.basics import usd_to_nano as usd_to_nano
 
 USAGE_DIMENSIONS: tuple[str, ...] = (
     "project",
@@ -26,9 +30,6 @@ USAGE_DIMENSIONS: tuple[str, ...] = (
 An absent dimension is stored as ``""`` (never NULL) so that it takes part in the unique key.
 """
 
-GROUPS: tuple[str, ...] = ("model", "project", "api_key", "tag")
-"""Dimensions the Cost per query pane, ``report`` and ``export`` can group by."""
-
 TOKEN_KINDS: tuple[str, ...] = (
     "input_uncached",
     "cache_read",
@@ -37,28 +38,6 @@ TOKEN_KINDS: tuple[str, ...] = (
     "output",
 )
 """Token kinds priced separately, stored as integer columns of the same names."""
-
-
-def usd_to_nano(value: Decimal) -> int:
-    """Exact USD (Decimal) to integer nano-dollars, rounding half to even."""
-    return int((value * NANO_PER_USD).quantize(Decimal(1), rounding=ROUND_HALF_EVEN))
-
-
-def nano_to_usd(value: int) -> Decimal:
-    """Integer nano-dollars to exact USD."""
-    return Decimal(value) / NANO_PER_USD
-
-
-def to_epoch(when: datetime) -> int:
-    """UTC-aware datetime to integer Unix seconds; naive datetimes are refused."""
-    if when.tzinfo is None:
-        raise ValueError(f"naive datetime {when!r}: tokentop keeps time in UTC")
-    return int(when.timestamp())
-
-
-def from_epoch(seconds: float) -> datetime:
-    """Unix seconds to a UTC-aware datetime."""
-    return datetime.fromtimestamp(seconds, tz=UTC)
 
 
 @dataclass(frozen=True, slots=True)

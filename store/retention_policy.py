@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from tokentop.store.records import to_epoch
+from tokentop.store.basics import to_epoch
 
 DEFAULT_MINUTES_DAYS = 35.0
 DEFAULT_HOURS_DAYS = 400.0

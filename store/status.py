@@ -14,8 +14,8 @@ from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
 
+from tokentop.store.basics import from_epoch, nano_to_usd, to_epoch
 from tokentop.store.readonly import connect_readonly
-from tokentop.store.records import from_epoch, nano_to_usd, to_epoch
 
 HOUR = 3600
 DAY = 86400

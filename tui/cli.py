@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import re
 import signal
 import sys
@@ -21,8 +20,7 @@ from typing import Any, NoReturn
 from tokentop import __version__
 from tokentop.collectors.base import utcnow
 from tokentop.collectors.config import Config, ConfigError, default_db_path, load_config
-from tokentop.pricing.book import PriceBook, PriceTier, TokenCounts
-from tokentop.store.records import usd_to_nano
+from tokentop.store.basics import usd_to_nano
 from tokentop.store.text import clean
 
 USAGE_ERROR = 2
@@ -38,14 +36,6 @@ columns) still starts after year 1."""
 MAX_TOKENS = 10**15
 """Token counts ``price`` accepts: a quadrillion tokens is far above any real query, and keeps
 the arithmetic on prices exact."""
-
-
-class _CleanFormatter(logging.Formatter):
-    """Log lines carry error bodies and names from outside: escape their control characters
-    (a traceback, added after the message, keeps its own lines)."""
-
-    def formatMessage(self, record: logging.LogRecord) -> str:
-        return clean(super().formatMessage(record))
 
 
 class UsageError(Exception):
@@ -160,7 +150,7 @@ def _sort(value: str) -> tuple[str, bool]:
 
 def _view_options(parser: argparse.ArgumentParser) -> None:
     """The view of the TUI, for ``report`` and ``export``: the same rows as the screen."""
-    from tokentop.store.records import GROUPS
+    from tokentop.store.basics import GROUPS
 
     parser.add_argument(
         "--until", metavar="ISO", help="window end, an ISO timestamp (default: now)"
@@ -298,6 +288,25 @@ _NO_STDOUT = frozenset({"tui", "collect", "proxy"})
 """Commands whose results do not go to standard output."""
 
 
+_NO_LOGGING = frozenset({"status"})
+"""Commands that log nothing (unless ``-v``): a status bar's line starts without ``logging``."""
+
+
+def _configure_logging(verbose: bool) -> None:
+    """Log to stderr, from INFO up with ``-v`` (else only CRITICAL). Log lines carry error bodies
+    and names from outside: their control characters are escaped (a traceback, added after the
+    message, keeps its own lines)."""
+    import logging
+
+    class CleanFormatter(logging.Formatter):
+        def formatMessage(self, record: logging.LogRecord) -> str:
+            return clean(super().formatMessage(record))
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(CleanFormatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    logging.basicConfig(level=logging.INFO if verbose else logging.CRITICAL, handlers=[handler])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
     db_path: Path | None = None
@@ -307,11 +316,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if sys.stdout is None and command not in _NO_STDOUT and not getattr(args, "output", None):
             print("tokentop: error: standard output is closed", file=sys.stderr)
             return FAILURE
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(_CleanFormatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
-        logging.basicConfig(
-            level=logging.INFO if args.verbose else logging.CRITICAL, handlers=[handler]
-        )
+        if args.verbose or command not in _NO_LOGGING:
+            _configure_logging(args.verbose)
         ctx = _context(args)
         db_path = ctx.db_path
         from tokentop.tui import cli_alerts, cli_db, cli_meter
@@ -406,6 +412,7 @@ def _exists(path: Path) -> bool:
 def _tui(ctx: _Context) -> int:
     from tokentop.collectors.runner import Runner, acquire_collector
     from tokentop.collectors.sources import build_sources
+    from tokentop.pricing.book import PriceBook
     from tokentop.tui import cli_alerts, cli_db, cli_prometheus
     from tokentop.tui.app import TokentopApp
 
@@ -464,6 +471,7 @@ NO_SOURCES = (
 def _collect(ctx: _Context) -> int:
     from tokentop.collectors.runner import Runner
     from tokentop.collectors.sources import build_sources, optional_sources
+    from tokentop.pricing.book import PriceBook
     from tokentop.tui import cli_alerts, cli_db
 
     collectors = build_sources(ctx.config, demo=ctx.args.demo, interval_s=ctx.args.interval)
@@ -610,6 +618,7 @@ def _no_view_over_prometheus(ctx: _Context) -> None:
 
 
 def _build_report(ctx: _Context, since: str) -> dict[str, Any]:
+    from tokentop.pricing.book import PriceBook
     from tokentop.store.report import build_report
 
     start, end, now = _window(ctx, since)
@@ -704,6 +713,8 @@ def _export_svg(ctx: _Context) -> str:
 
 
 def _price(ctx: _Context) -> int:
+    from tokentop.pricing.book import PriceBook, PriceTier, TokenCounts
+
     args = ctx.args
     book = PriceBook(ctx.config.pricing)
     counted = None
