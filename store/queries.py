@@ -764,10 +764,13 @@ dozen rows a day, forever), not a scan."""
 
 
 def billed_vs_estimated(store: Store, start: datetime, end: datetime) -> list[ProviderDay]:
-    """Per provider and UTC day in the window: estimate, billed cost and the gap."""
+    """Per provider and UTC day the window touches: estimate, billed cost and the gap.
+
+    Providers bill whole UTC days, so both sides cover each of those days whole, not only the
+    part inside the window: a bill is never compared with a few hours of its day."""
     lo = to_epoch(start) // 86400 * 86400
-    hi = to_epoch(end)
-    sub, params = total_rows(from_epoch(lo), end)
+    hi = -(-to_epoch(end) // 86400) * 86400
+    sub, params = total_rows(from_epoch(lo), from_epoch(hi))
     est = store.query(
         f"SELECT o.provider, (x.start / 86400) * 86400 AS d, SUM(x.cost_nano) FROM ({sub}) AS x"
         " JOIN origin AS o ON o.id = x.origin_id GROUP BY o.provider, d",

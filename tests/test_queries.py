@@ -439,6 +439,12 @@ def test_billed_vs_estimated_gap(store: Store) -> None:
     assert queries.billed_total(store, d2, d2 + timedelta(days=1)) is None
     # A window starting mid-day still counts that day's bill.
     assert queries.billed_total(store, d1 + timedelta(hours=5), d2) == 12
+    # A window that ends mid-day compares the day's bill with the day's whole estimate, not
+    # with the hours of it inside the window.
+    part = queries.billed_vs_estimated(store, d1, d1 + timedelta(hours=1, minutes=30))
+    assert [(d.provider, d.estimated, d.billed) for d in part] == [
+        ("openai", Decimal("10.5"), Decimal(12))
+    ]
 
 
 # GPU overview
