@@ -66,6 +66,9 @@ class ProviderConfig:
     """History read on first start, at most 30 days."""
     costs: bool = True
     """Also poll the daily billed cost endpoint."""
+    max_response_mb: float = 20.0
+    """The largest response (MB, decoded) read from the API; a larger page fails the poll
+    rather than the collector's memory."""
 
     @property
     def key(self) -> str:
@@ -404,7 +407,15 @@ def _provider(raw: Any, name: str, key_env: str, where: str) -> ProviderConfig:
         raise ConfigError(f"{where}: {name} must be a table, got {raw!r}")
     _known(
         raw,
-        {"enabled", "key_env", "base_url", "interval_s", "backfill_hours", "costs"},
+        {
+            "enabled",
+            "key_env",
+            "base_url",
+            "interval_s",
+            "backfill_hours",
+            "costs",
+            "max_response_mb",
+        },
         name,
         where,
     )
@@ -418,6 +429,12 @@ def _provider(raw: Any, name: str, key_env: str, where: str) -> ProviderConfig:
     if base_url and not base_url.startswith(("http://", "https://")):
         raise ConfigError(f"{where}: {name}.base_url must be an http(s) URL, got {base_url!r}")
     costs = _opt_bool(raw, "costs", where, p)
+    max_mb = _positive(raw, "max_response_mb", where, 20.0, p)
+    if not 0.01 <= max_mb <= 4096:
+        raise ConfigError(
+            f"{where}: {name}.max_response_mb must be from 0.01 to 4096,"
+            f" got {raw['max_response_mb']!r}"
+        )
     return ProviderConfig(
         name=name,
         enabled=_opt_bool(raw, "enabled", where, p),
@@ -426,6 +443,7 @@ def _provider(raw: Any, name: str, key_env: str, where: str) -> ProviderConfig:
         interval_s=_interval(raw, "interval_s", where, 60.0, PROVIDER_INTERVAL_MIN_S, p),
         backfill_hours=backfill,
         costs=True if costs is None else costs,
+        max_response_mb=max_mb,
     )
 
 

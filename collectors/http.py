@@ -24,7 +24,10 @@ behave the same:
   due again on the next poll.
 - 429 fails the poll at once with ``retry_after``; 401/403 fail it with ``auth=True``; 404
   with :class:`NotFound`, which a collector may catch around an endpoint not every account has.
-  Pacing between polls is the runner's job.
+  A 5xx whose ``Retry-After`` is longer than the next backoff fails the poll too, with that
+  wait, rather than retrying early. Pacing between polls is the runner's job.
+- A response body larger than ``max_response_mb`` (default 20 MB, decoded) is refused as it
+  streams in, never read whole: the poll fails and keeps nothing of it.
 
 No message or exception made here carries the key: messages are built from our own words, the
 status and the server's error text with anything key-like scrubbed, and they are raised outside
@@ -106,23 +109,43 @@ def scrub(text: str, key: str) -> str:
     return _KEYLIKE.sub(r"\1[key]", text)
 
 
+_DELAY_SECONDS = re.compile(r"[0-9]+(?:\.[0-9]+)?")
+"""RFC 9110's delay-seconds (``1*DIGIT``); a decimal fraction is tolerated."""
+
+
 def parse_retry_after(value: str | None, now: datetime) -> float | None:
-    """Seconds from an HTTP ``Retry-After`` header (delta-seconds or an HTTP date), or None."""
+    """Seconds to wait from an HTTP ``Retry-After`` header, or ``None`` when it has no valid value.
+
+    Every form RFC 9110 allows: delay-seconds, and an HTTP-date as IMF-fixdate
+    (``Sun, 06 Nov 1994 08:49:37 GMT``) or the obsolete RFC 850 (``Sunday, 06-Nov-94 08:49:37
+    GMT``) and asctime (``Sun Nov  6 08:49:37 1994``) forms; a date in the past is 0. A header
+    sent twice arrives joined by a comma (``1, 1``); the first valid value wins. A date holds a
+    comma itself, so the comma-separated parts are read one or two at a time.
+    """
     if not value:
         return None
-    try:
-        seconds = float(value.strip())
-    except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError, IndexError):
-            return None
-        if when.tzinfo is None:
-            when = when.replace(tzinfo=UTC)
-        seconds = (when - now).total_seconds()
-    if not math.isfinite(seconds):
+    parts = [part.strip() for part in value.split(",")]
+    for i, part in enumerate(parts):
+        if _DELAY_SECONDS.fullmatch(part):
+            seconds = float(part)
+            return seconds if math.isfinite(seconds) else None
+        # asctime has no comma; IMF-fixdate and RFC 850 one, after the day name.
+        for joined in (part, f"{part}, {parts[i + 1]}" if i + 1 < len(parts) else ""):
+            when = _http_date(joined)
+            if when is not None:
+                return max(0.0, (when - now).total_seconds())
+    return None
+
+
+def _http_date(text: str) -> datetime | None:
+    # A bare number is not a date (parsedate reads some as one); nor a day name alone.
+    if not text or not any(c.isalpha() for c in text) or not any(c.isdigit() for c in text):
         return None
-    return max(0.0, seconds)
+    try:
+        when = email.utils.parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
 
 
 def as_int(value: Any, name: str) -> int:
@@ -279,6 +302,8 @@ class AdminApiCollector(ABC):
             start on every read).
         trailing_s: how far back each poll re-reads, from now and from the watermark.
         max_span_s: the longest range one poll reads; longer ones are split over polls.
+        max_response_bytes: the largest response body read (decoded); a larger one fails the
+            poll. Defaults to the config's ``max_response_mb``.
     """
 
     kind: str = ""
@@ -302,6 +327,7 @@ class AdminApiCollector(ABC):
         cost_lookback_days: int = 7,
         trailing_s: float = 3600.0,
         max_span_s: float = 26 * 3600.0,
+        max_response_bytes: int | None = None,
     ) -> None:
         self.name = name or self.kind
         self.interval_s = config.interval_s
@@ -321,6 +347,11 @@ class AdminApiCollector(ABC):
         self._cost_lookback = timedelta(days=cost_lookback_days)
         self._trailing = timedelta(seconds=trailing_s)
         self._max_span = timedelta(seconds=max(max_span_s, 3600.0))
+        self._max_bytes = (
+            max_response_bytes
+            if max_response_bytes is not None
+            else round(config.max_response_mb * 1_000_000)
+        )
         self._costs_read_at: datetime | None = None
         self._catchup_origin: datetime | None = None
         self._key = ""
@@ -454,6 +485,10 @@ class AdminApiCollector(ABC):
             if isinstance(outcome, SourceError):
                 raise outcome
             failure, retry_after = outcome
+            if retry_after is not None and retry_after > self._backoff_s * 2**attempt:
+                # The server said when to come back: not before (the runner waits that long).
+                tries = attempt + 1
+                break
         error = SourceError(
             one_line(f"{failure} after {tries} tries: GET {path}"), retry_after=retry_after
         )
@@ -465,10 +500,17 @@ class AdminApiCollector(ABC):
         """One request. Returns the body, a final error, or (a retryable failure, retry-after)."""
         transport_failure = ""
         bad_url = False
+        too_large = False
+        status = 0
+        content = b""
+        retry_header: str | None = None
         try:
-            response = await self._client.get(
-                url, params=list(params), headers=self._auth_headers(self._key)
-            )
+            async with self._client.stream(
+                "GET", url, params=list(params), headers=self._auth_headers(self._key)
+            ) as response:
+                status = response.status_code
+                retry_header = response.headers.get("retry-after")
+                content, too_large = await self._read_body(response)
         except httpx.TimeoutException:
             transport_failure = "timed out"
         except (httpx.InvalidURL, httpx.UnsupportedProtocol):
@@ -479,17 +521,22 @@ class AdminApiCollector(ABC):
             return SourceError(f"bad base URL {self._safe_base()}", fatal=True)
         if transport_failure:
             return (f"{transport_failure} reaching {self._safe_base()}", None)
+        if too_large:
+            # Not retried: the same page would be as large again.
+            return SourceError(
+                f"response too large: GET {path} sent more than the"
+                f" {self._max_bytes / 1_000_000:g} MB limit (max_response_mb); nothing of it kept"
+            )
 
-        status = response.status_code
         if status == 200:
             try:
-                body = json.loads(response.content, parse_float=Decimal)
+                body = json.loads(content, parse_float=Decimal)
             except ValueError:
                 return ("malformed JSON body", None)
             if not isinstance(body, dict):
                 return ("malformed JSON body", None)
             return body
-        retry_after = parse_retry_after(response.headers.get("retry-after"), self._clock())
+        retry_after = parse_retry_after(retry_header, self._clock())
         env = self._config.key_env
         if status == 401:
             return SourceError(f"auth failed (401): check {env}", auth=True)
@@ -503,17 +550,34 @@ class AdminApiCollector(ABC):
             return SourceError(f"rate limited (429){wait}: GET {path}", retry_after=retry_after)
         if status in RETRYABLE_STATUS or status >= 500:
             return (f"server error {status}", retry_after)
-        detail = self._error_text(response)
+        detail = self._error_text(content)
         what = "not found (404), check the base URL" if status == 404 else f"refused ({status})"
         message = one_line(
             scrub(f"{what}: GET {path}" + (f": {detail}" if detail else ""), self._key), 300
         )
         return NotFound(message) if status == 404 else SourceError(message)
 
-    def _error_text(self, response: httpx.Response) -> str:
+    async def _read_body(self, response: httpx.Response) -> tuple[bytes, bool]:
+        """The body, and whether it went over the limit (then read no further: a huge page
+        must not take the collector's memory with it). Decoded bytes count, so a small
+        compressed body that inflates past the limit is refused too."""
+        limit = self._max_bytes
+        declared = response.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            return b"", True
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in response.aiter_bytes():
+            size += len(chunk)
+            if size > limit:
+                return b"", True
+            chunks.append(chunk)
+        return b"".join(chunks), False
+
+    def _error_text(self, content: bytes) -> str:
         """The server's error message from either provider's envelope, scrubbed, or ``""``."""
         try:
-            body = json.loads(response.content)
+            body = json.loads(content)
         except ValueError:
             return ""
         error = body.get("error") if isinstance(body, dict) else None

@@ -7,6 +7,7 @@ import email.utils
 import json
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -345,3 +346,115 @@ def test_helpers() -> None:
     assert scrub("task-force 12345", "") == "task-force 12345"
     assert one_line("a\n  b\tc") == "a b c"
     assert len(one_line("x" * 500)) == 200
+
+
+# Retry-After, every form RFC 9110 allows (section 10.2.3), once or repeated.
+
+RETRY_NOW = datetime(1994, 11, 6, 8, 49, 7, tzinfo=UTC)
+"""30 s before the example date of RFC 9110."""
+
+RETRY_AFTER_FORMS = [
+    ("120", 120.0),
+    ("0", 0.0),
+    ("1.5", 1.5),  # not RFC 9110's 1*DIGIT, but tolerated
+    ("  7 ", 7.0),
+    ("Sun, 06 Nov 1994 08:49:37 GMT", 30.0),  # IMF-fixdate
+    ("Sunday, 06-Nov-94 08:49:37 GMT", 30.0),  # obsolete RFC 850
+    ("Sun Nov  6 08:49:37 1994", 30.0),  # obsolete asctime
+    ("Sat, 05 Nov 1994 08:49:37 GMT", 0.0),  # in the past: at once
+    # A header sent twice, joined by httpx with ", ": the first valid value wins.
+    ("1, 1", 1.0),
+    ("5, 60", 5.0),
+    ("Sun, 06 Nov 1994 08:49:37 GMT, Sun, 06 Nov 1994 08:50:07 GMT", 30.0),
+    ("Sun, 06 Nov 1994 08:49:37 GMT, 90", 30.0),
+    ("90, Sun, 06 Nov 1994 08:49:37 GMT", 90.0),
+    ("Sun Nov  6 08:49:37 1994, 5", 30.0),
+    ("soon, 4", 4.0),
+    (", 3", 3.0),
+    ("-5, 6", 6.0),  # a negative delay is not delay-seconds
+    ("1_000, 2", 2.0),  # nor is Python's digit grouping
+    ("inf, nan, 8", 8.0),
+]
+
+
+@pytest.mark.parametrize(("header", "seconds"), RETRY_AFTER_FORMS)
+def test_every_retry_after_form_is_read(header: str, seconds: float) -> None:
+    assert parse_retry_after(header, RETRY_NOW) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("header", ["", "soon", "Sun", "-5", "inf", "nan", "1e3", ", ,", "0x10"])
+def test_retry_after_without_a_valid_value_is_none(header: str) -> None:
+    assert parse_retry_after(header, RETRY_NOW) is None
+
+
+async def test_a_repeated_retry_after_on_the_wire_is_honoured(
+    server: FakeProviderServer, collector: AdminApiCollector, provider: str
+) -> None:
+    server.fault("429", path=PATHS[provider], retry_after=("7", "7"))
+    error = await failing_poll(collector)
+    assert error.retry_after == 7.0
+    when = email.utils.format_datetime(NOW + timedelta(seconds=40), usegmt=True)
+    server.fault("429", path=PATHS[provider], retry_after=(when, when))
+    assert (await failing_poll(collector)).retry_after == pytest.approx(40, abs=1)
+
+
+async def test_a_5xx_asking_to_wait_longer_than_the_backoff_is_not_retried_early(
+    server: FakeProviderServer, collector: AdminApiCollector, provider: str, sleeps: Sleeps
+) -> None:
+    server.fault("503", path=PATHS[provider], retry_after="120", times=3)
+    error = await failing_poll(collector)
+    assert error.retry_after == 120.0
+    assert collector.calls == 1
+    assert sleeps.delays == []
+    # A wait shorter than the backoff is kept by the backoff itself: retried within the poll.
+    server.clear_faults()
+    server.fault("503", path=PATHS[provider], retry_after="0")
+    await collector.poll(poll_context(NOW, backfill_hours=2))
+
+
+# A response larger than the limit is refused as it streams in, and nothing of it is kept.
+
+
+@pytest.mark.parametrize("framing", ["content-length", "close-delimited"])
+async def test_a_response_over_the_size_limit_fails_the_poll_and_keeps_nothing(
+    server: FakeProviderServer, provider: str, sleeps: Sleeps, db_path: Path, framing: str
+) -> None:
+    from tokentop.collectors.runner import Runner
+    from tokentop.pricing.book import PriceBook
+    from tokentop.store import queries
+    from tokentop.store.db import Store
+
+    server.behaviour.padding_bytes = 300_000
+    server.behaviour.close_delimited = framing == "close-delimited"
+    collector = make_collector(server, provider, sleep=sleeps, max_response_bytes=200_000)
+    with Store(db_path) as store:
+        runner = Runner(store, [collector], PriceBook(), clock=server.now)
+        assert await runner.run_once_and_close() == {provider: False}
+        health = {h.name: h for h in queries.sources(store, NOW)}[provider]
+        assert "response too large" in health.last_error
+        assert "0.2 MB limit (max_response_mb)" in health.last_error
+        assert store.query("SELECT COUNT(*) FROM usage")[0][0] == 0
+        assert store.query("SELECT COUNT(*) FROM billed")[0][0] == 0
+    assert collector.calls == 1  # the same page would be as large again: not retried
+    assert sleeps.delays == []
+
+
+async def test_the_size_limit_defaults_to_20_mb_and_is_configurable(
+    server: FakeProviderServer, provider: str
+) -> None:
+    default = make_collector(server, provider)
+    assert default._max_bytes == 20_000_000
+    await default.aclose()
+    base = server.openai_base_url if provider == "openai" else server.anthropic_base_url
+    config = ProviderConfig(
+        name=provider, key_env=KEY_ENV[provider], base_url=base, max_response_mb=0.5
+    )
+    cls = OpenAICollector if provider == "openai" else AnthropicCollector
+    small = cls(config, clock=server.now, backoff_s=0.01)
+    server.behaviour.padding_bytes = 600_000
+    error = await failing_poll(small)
+    assert "0.5 MB limit" in error.message
+    server.behaviour.padding_bytes = 100_000  # under the limit: read as usual
+    batch = await small.poll(poll_context(NOW, backfill_hours=2))
+    assert batch.usage
+    await small.aclose()

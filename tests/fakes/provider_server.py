@@ -151,6 +151,11 @@ class Behaviour:
     """Answer 429 once more than this many API requests came in within 60 s (wall clock)."""
     rate_limit_retry_after: str | None = "1"
     """``Retry-After`` of those 429s; ``None`` leaves it out (UNCONFIRMED for Anthropic)."""
+    padding_bytes: int = 0
+    """Add a ``padding`` string of this many bytes to every successful page (a huge page)."""
+    close_delimited: bool = False
+    """Send successful pages without ``Content-Length``, the body ended by closing the
+    connection (so a client cannot know the size before reading)."""
 
 
 @dataclass
@@ -162,7 +167,8 @@ class Fault:
     """1-based among matching requests counted from when the fault was added; None: the next."""
     times: int = 1
     path: str = ""
-    retry_after: str | None = None
+    retry_after: str | tuple[str, ...] | None = None
+    """One ``Retry-After`` header, or several (each its own header line)."""
     delay_s: float = 2.0
     """How long a ``timeout`` fault stalls before answering."""
     message: str | None = None
@@ -376,7 +382,7 @@ class FakeProviderServer:
         nth: int | None = None,
         times: int = 1,
         path: str = "",
-        retry_after: str | None = None,
+        retry_after: str | tuple[str, ...] | None = None,
         delay_s: float = 2.0,
         message: str | None = None,
     ) -> Fault:
@@ -392,7 +398,8 @@ class FakeProviderServer:
                 ``None`` fires on the next.
             times: fire on this many consecutive matching requests.
             path: a substring of the request path (``"usage"``, ``"cost"``, ``"organizations"``).
-            retry_after: the ``Retry-After`` header of a status fault.
+            retry_after: the ``Retry-After`` header of a status fault; a tuple sends the
+                header once per value (as a server that repeats it does).
             delay_s: the stall of a ``timeout`` fault.
             message: the error message of a status fault.
         """
@@ -1219,7 +1226,7 @@ class _Handler(BaseHTTPRequestHandler):
         provider = "anthropic" if path.startswith("/v1/organizations/") else "openai"
         fault = fake._take_fault(path)
         status, body, fault_name = 200, b"", ""
-        extra_headers: dict[str, str] = {}
+        extra_headers: dict[str, str | tuple[str, ...]] = {}
         if fault is not None and fault.kind in FAULT_STATUSES:
             status = FAULT_STATUSES[fault.kind]
             fault_name = fault.kind
@@ -1242,6 +1249,8 @@ class _Handler(BaseHTTPRequestHandler):
             except ApiError as exc:
                 status = exc.status
                 payload = _error_body(provider, exc.status, exc.kind, exc.message)
+            if status == 200 and fake.behaviour.padding_bytes and isinstance(payload, dict):
+                payload = {**payload, "padding": "x" * fake.behaviour.padding_bytes}
             body = json.dumps(payload).encode()
         with fake._lock:
             fake.requests.append(
@@ -1258,19 +1267,33 @@ class _Handler(BaseHTTPRequestHandler):
         if fault is not None and fault.kind in FAULT_KINDS:
             self._misbehave(fault, body)
             return
+        if status == 200 and fake.behaviour.close_delimited:
+            self.close_connection = True
+            self._send(status, body, {"Connection": "close"}, provider, length=None)
+            return
         self._send(status, body, extra_headers, provider)
 
     def _send(
-        self, status: int, body: bytes, extra: Mapping[str, str], provider: str, length: int = -1
+        self,
+        status: int,
+        body: bytes,
+        extra: Mapping[str, str | tuple[str, ...]],
+        provider: str,
+        length: int | None = -1,
     ) -> None:
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body) if length < 0 else length))
+        if length is not None:  # None: no Content-Length, the body ends with the connection
+            self.send_header("Content-Length", str(len(body) if length < 0 else length))
         self.send_header("request-id" if provider == "anthropic" else "x-request-id", "req_fake")
         for name, value in extra.items():
-            self.send_header(name, value)
+            for one in (value,) if isinstance(value, str) else value:
+                self.send_header(name, one)
         self.end_headers()
-        self.wfile.write(body)
+        try:
+            self.wfile.write(body)
+        except OSError:  # the client stopped reading (a body it refused)
+            self.close_connection = True
 
     def _misbehave(self, fault: Fault, body: bytes) -> None:
         provider = "anthropic" if self.path.startswith("/v1/organizations/") else "openai"
