@@ -105,10 +105,19 @@ class PromClient:
         self.close()
 
     def _get(self, path: str, params: dict[str, str]) -> Any:
+        data = self._request("POST", path, params)
+        if not isinstance(data, dict):
+            raise PromError("answer without data")
+        return data
+
+    def _request(self, method: str, path: str, params: dict[str, str]) -> Any:
         self.calls += 1
         try:
-            # POST (form-encoded) keeps long PromQL out of URLs and access logs.
-            response = self._client.post(path, data=params)
+            if method == "POST":
+                # POST (form-encoded) keeps long PromQL out of URLs and access logs.
+                response = self._client.post(path, data=params)
+            else:
+                response = self._client.get(path, params=params)
         except httpx.TimeoutException:
             raise PromError("timed out") from None
         except httpx.HTTPError as exc:
@@ -122,10 +131,9 @@ class PromClient:
         if body.get("status") != "success":
             kind = body.get("errorType", "error")
             raise PromError(f"HTTP {response.status_code}: {kind}: {body.get('error', '')}"[:300])
-        data = body.get("data")
-        if not isinstance(data, dict):
+        if "data" not in body:
             raise PromError("answer without data")
-        return data
+        return body["data"]
 
     def query(self, promql: str, at: datetime) -> list[Sample]:
         """An instant query evaluated at ``at``: the vector's series (a scalar is one sample
@@ -143,6 +151,32 @@ class PromClient:
         except (KeyError, IndexError, TypeError, ValueError) as exc:
             raise PromError(f"malformed {kind} answer: {exc}") from None
         raise PromError(f"expected a vector, got {kind!r}")
+
+    def label_values(self, label: str, match: str, start: datetime, end: datetime) -> list[str]:
+        """The values ``label`` takes in the series ``match`` selects with samples in
+        ``[start, end]`` (``/api/v1/label/<label>/values``): read from the index, no samples.
+
+        Servers may answer a superset (a block's series without samples in the range): callers
+        use the answer to leave out work that cannot matter, never to drop a figure.
+        """
+        data = self._request(
+            "GET",
+            f"/api/v1/label/{label}/values",
+            {"match[]": match, "start": _ts(start), "end": _ts(end)},
+        )
+        if not isinstance(data, list) or not all(isinstance(v, str) for v in data):
+            raise PromError("malformed label values answer")
+        return list(data)
+
+    def label_names(self, match: str, start: datetime, end: datetime) -> list[str]:
+        """The label names of the series ``match`` selects with samples in ``[start, end]``
+        (``/api/v1/labels``; a superset, as :meth:`label_values`)."""
+        data = self._request(
+            "GET", "/api/v1/labels", {"match[]": match, "start": _ts(start), "end": _ts(end)}
+        )
+        if not isinstance(data, list) or not all(isinstance(v, str) for v in data):
+            raise PromError("malformed label names answer")
+        return list(data)
 
     def query_range(self, promql: str, start: datetime, end: datetime, step_s: int) -> list[Series]:
         """A range query: each series' values every ``step_s`` seconds from ``start`` to

@@ -24,16 +24,24 @@ reading loses nothing but the extrapolation at the window's edges.
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Any
 
 from tokentop.collectors.base import Clock, utcnow
-from tokentop.collectors.promql import PromClient, Sample, duration, quote, regex_literal
+from tokentop.collectors.promql import (
+    PromClient,
+    Sample,
+    Series,
+    duration,
+    quote,
+    regex_literal,
+)
 from tokentop.pricing.gpu import GpuCostModel, GpuRate
 from tokentop.store.queries import (
     CostRow,
@@ -45,6 +53,7 @@ from tokentop.store.queries import (
     Totals,
 )
 from tokentop.store.records import SourceHealth, from_epoch
+from tokentop.store.report import REPORT_VERSION, assemble_report
 
 COST = "tokentop_cost_usd_total"
 TOKENS = "tokentop_tokens_total"
@@ -63,6 +72,8 @@ RAW_MAX_S = 3 * 3600
 SUBQUERY_STEPS = 100
 SUBQUERY_MIN_STEP_S = 300
 NANO = Decimal("0.000000001")
+BURN_MINUTES = (5, 15, 60)
+"""The burn rates' windows, in minutes."""
 _INPUT_KINDS = ("input_uncached", "cache_read", "cache_write_5m", "cache_write_1h")
 
 EXTERNAL_SERVERS: dict[str, dict[str, str]] = {
@@ -152,6 +163,12 @@ def increase(metric: str, matchers: Sequence[str], seconds: float, text: str = "
     return "(" + " or ".join(parts) + ")"
 
 
+Meter = tuple[str, ...] | None
+"""The providers of the request meter's series (``""`` for series without one), as
+:meth:`PromSource.meter_providers` found them; ``None`` when not asked (every query then
+carries the whole counted-once rule)."""
+
+
 def counted(
     metric: str,
     matchers: Sequence[str],
@@ -159,16 +176,35 @@ def counted(
     by: Sequence[str],
     text: str = "",
     scope: str = "counted",
+    meter: Meter = None,
 ) -> str:
     """A usage metric's increase summed ``by`` groups, each dollar once (see the module).
 
     ``scope``: ``counted`` (the totals), ``metered`` (the meter's part of covered providers)
     or ``all`` (every source added up: audits only).
+
+    ``meter``: the providers that have metered series in the window (:data:`Meter`). With
+    none, the rule has nothing to decide and the query is the admin sources' increase alone
+    (``metered`` is then an empty vector); with some, the covered-provider lookup reads only
+    their series. Both leave the answer as it is and save most of a usage query's work.
     """
+    if meter is not None and not meter and scope != "all":
+        if scope == "metered":
+            return "vector(0) > 1"  # nothing metered: an empty vector
+        only = f"sum by ({', '.join(sorted({*by, 'provider'}))}) " + (
+            f"({increase(metric, [*matchers, 'metered=' + quote('false')], seconds, text)})"
+        )
+        if "provider" in by:
+            return only
+        return f"sum by ({', '.join(by)}) ({only})" if by else f"sum({only})"
     inner = ", ".join(sorted({*by, "provider"}))
     # Covered: an admin source reports the provider at the window's end (within Prometheus'
     # lookback). An instant selector reads one sample per series, not the whole window again.
-    non_meter = selector(REQUESTS, ['metered="false"'])
+    covering = ['metered="false"']
+    if meter:
+        alternatives = "|".join(regex_literal(p) for p in sorted(set(meter)))
+        covering.append(f"provider=~{quote(alternatives)}")
+    non_meter = selector(REQUESTS, covering)
     covered = f"group by (provider) ({non_meter})"
 
     def part(metered: str | None) -> str:
@@ -233,6 +269,75 @@ class _Acc:
 Query = tuple[str, datetime]
 """A PromQL expression and the time to evaluate it at."""
 
+USAGE_METRICS = f'{{__name__=~"{COST}|{TOKENS}|{REQUESTS}"}}'
+"""Every usage series (for the meter probe's label lookups)."""
+BATCH_LABEL = "tokentop_query"
+"""Label that tells the parts of a batched query apart (see :data:`BATCHES`)."""
+BATCHES: tuple[tuple[str, str | None], ...] = (
+    ("src.", "meta"),
+    ("fresh.", "meta"),
+    ("spend.history", "meta"),
+    ("status.", "meta"),
+    ("gpu.", "gpu"),
+    ("spend.today.", "long"),
+    ("spend.month", "long"),
+    ("spend.", "spend"),
+    ("now.tokens", None),
+    ("model.tokens", None),
+    ("now.", "window"),
+    ("model.", "window"),
+)
+"""Query-name prefixes (the first that matches) whose queries go to the server as one request:
+``a or b``, each part tagged with :data:`BATCH_LABEL`. A batch is evaluated as one query, so
+each holds about as much work as the largest query alone (a window's tokens, five kinds of
+every usage series), and the server evaluates the batches side by side; fewer requests cost the
+client and the server less."""
+CACHE_SIZE = 64
+"""Answers kept for queries evaluated at a settled time (see :meth:`PromSource.submit`)."""
+
+
+def _batch(name: str) -> str | None:
+    for prefix, batch in BATCHES:
+        if name.startswith(prefix):
+            return batch
+    return None
+
+
+@dataclass(slots=True)
+class _Kept:
+    """The settled steps of a range query: every series' points up to ``covered``."""
+
+    covered: int
+    series: dict[tuple[tuple[str, str], ...], tuple[Mapping[str, str], dict[int, Decimal | None]]]
+
+
+class Pending:
+    """Answers on their way (:meth:`PromSource.submit`); :meth:`result` waits for them."""
+
+    def __init__(self) -> None:
+        self.ready: dict[str, list[Sample]] = {}
+        self.parts: list[tuple[tuple[str, ...], Future[list[Sample]], Query | None]] = []
+        self.cache: PromSource | None = None
+
+    def result(self) -> dict[str, list[Sample]]:
+        """Every answer by name, or the first :class:`PromError`."""
+        out = dict(self.ready)
+        for names, future, keep in self.parts:
+            found = future.result()
+            if len(names) == 1:
+                out[names[0]] = found
+                if keep is not None and self.cache is not None:
+                    self.cache._remember(keep, found)
+                continue
+            split: dict[str, list[Sample]] = {n: [] for n in names}
+            for sample in found:
+                labels = dict(sample.labels)
+                name = labels.pop(BATCH_LABEL, "")
+                if name in split:
+                    split[name].append(Sample(labels, sample.value, sample.ts))
+            out.update(split)
+        return out
+
 
 class PromSource:
     """The figures of a fleet, from one Prometheus-compatible server.
@@ -260,6 +365,9 @@ class PromSource:
         self.gpu_metrics = gpu_metrics
         self.clock = clock
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="promql")
+        self._cache: dict[Query, list[Sample]] = {}
+        self._ranges: dict[tuple[str, int], _Kept] = {}
+        self._cache_lock = threading.Lock()
 
     @property
     def url(self) -> str:
@@ -271,13 +379,122 @@ class PromSource:
         self._pool.shutdown(wait=True)
         self.client.close()
 
-    def run(self, queries: Mapping[str, Query]) -> dict[str, list[Sample]]:
+    def run(
+        self, queries: Mapping[str, Query], *, settled: datetime | None = None
+    ) -> dict[str, list[Sample]]:
         """Send the queries at once; every answer, or the first :class:`PromError`."""
-        futures = {
-            name: self._pool.submit(self.client.query, promql, at)
-            for name, (promql, at) in queries.items()
-        }
-        return {name: f.result() for name, f in futures.items()}
+        return self.submit(queries, settled=settled).result()
+
+    def submit(self, queries: Mapping[str, Query], *, settled: datetime | None = None) -> Pending:
+        """Send the queries at once, on the source's threads; :meth:`Pending.result` waits.
+
+        Small queries of one family (:data:`BATCHES`) and one evaluation time go as one request.
+        A query evaluated at or before ``settled`` (a time whose samples have all arrived, such
+        as the end of the previous window) is answered from the last minutes' answers when it
+        was asked before: the same PromQL at the same time has the same answer.
+        """
+        pending = Pending()
+        pending.cache = self
+        groups: dict[tuple[str, datetime], list[str]] = {}
+        for name, (promql, at) in queries.items():
+            batch = _batch(name)
+            if batch is not None:
+                groups.setdefault((batch, at), []).append(name)
+                continue
+            keep: Query | None = None
+            if settled is not None and at <= settled:
+                keep = (promql, at)
+                with self._cache_lock:
+                    hit = self._cache.get(keep)
+                if hit is not None:
+                    pending.ready[name] = hit
+                    continue
+            future = self._pool.submit(self.client.query, promql, at)
+            pending.parts.append(((name,), future, keep))
+        for (_, at), names in groups.items():
+            if len(names) == 1:
+                promql = queries[names[0]][0]
+            else:
+                promql = " or ".join(
+                    f'label_replace({queries[n][0]}, {quote(BATCH_LABEL)}, {quote(n)}, "", "")'
+                    for n in names
+                )
+            future = self._pool.submit(self.client.query, promql, at)
+            pending.parts.append((tuple(names), future, None))
+        return pending
+
+    def query_range(
+        self,
+        promql: str,
+        start: datetime,
+        end: datetime,
+        step: int,
+        settled: datetime | None = None,
+    ) -> list[Series]:
+        """A range query whose steps up to ``settled`` (all their samples in) are asked once:
+        later calls ask the server only for the steps after the ones it kept (a chart's
+        minutes of the last hour, say, but its newest few). Steps are multiples of ``step``,
+        so they are the same from one call to the next."""
+        if settled is None:
+            return self.client.query_range(promql, start, end, step)
+        lo, hi = int(start.timestamp()), int(end.timestamp())
+        key = (promql, step)
+        with self._cache_lock:
+            kept = self._ranges.get(key)
+        ask = lo
+        if kept is not None and lo - step <= kept.covered:
+            ask = max(lo, kept.covered + step)
+        else:
+            kept = None
+        fresh = self.client.query_range(promql, from_epoch(ask), end, step) if ask <= hi else []
+        merged: dict[
+            tuple[tuple[str, str], ...], tuple[Mapping[str, str], dict[int, Decimal | None]]
+        ]
+        merged = {}
+        if kept is not None:
+            for k, (labels, points) in kept.series.items():
+                merged[k] = (labels, {t: v for t, v in points.items() if t >= lo})
+        for series in fresh:
+            k = tuple(sorted(series.labels.items()))
+            entry = merged.setdefault(k, (series.labels, {}))
+            entry[1].update((int(t), v) for t, v in series.points)
+        covered = min(hi, lo + (int(settled.timestamp()) - lo) // step * step)
+        if covered >= lo:
+            keep = _Kept(
+                covered,
+                {
+                    k: (labels, {t: v for t, v in points.items() if t <= covered})
+                    for k, (labels, points) in merged.items()
+                },
+            )
+            with self._cache_lock:
+                self._ranges[key] = keep
+                while len(self._ranges) > 8:
+                    del self._ranges[next(iter(self._ranges))]
+        return [
+            Series(labels, tuple((float(t), v) for t, v in sorted(points.items())))
+            for labels, points in merged.values()
+        ]
+
+    def _remember(self, key: Query, answer: list[Sample]) -> None:
+        with self._cache_lock:
+            self._cache[key] = answer
+            while len(self._cache) > CACHE_SIZE:
+                del self._cache[next(iter(self._cache))]
+
+    def meter_providers(self, start: datetime, end: datetime) -> tuple[str, ...]:
+        """The providers of the request meter's usage series with samples in ``[start, end]``
+        (``""`` for series without a provider), from the server's index: no samples read.
+
+        Most fleets have no meter, or meter few providers: with this, the usage queries leave
+        out the counted-once lookup (see :func:`counted`), which otherwise costs as much as the
+        increase itself.
+        """
+        metered = USAGE_METRICS[:-1] + ', metered="true"}'
+        providers = self.client.label_values("provider", metered, start, end)
+        # Series without a provider have no value to list: asked apart (they are rare).
+        unnamed = self.client.label_values("metered", metered[:-1] + ', provider=""}', start, end)
+        return tuple(sorted({*providers, *([""] if unnamed else [])}))
 
     # Usage.
 
@@ -290,21 +507,33 @@ class PromSource:
         text: str = "",
         scope: str = "counted",
         tokens: str = "all",
+        *,
+        meter: Meter = None,
+        matchers: Sequence[str] = (),
     ) -> dict[str, Query]:
         """The queries behind :meth:`groups`: cost, requests and tokens by kind.
 
         ``tokens``: ``all``, ``unpriced`` (only the unpriced tokens, all the Spend pane shows of
         them) or ``none`` (for a previous window: $/request needs cost and requests only).
         Tokens are the largest family (five kinds), so this is most of a refresh's work.
+        ``meter``: see :func:`counted` (the meter's part, ``scope="metered"``, needs no query
+        when nothing is metered). ``matchers``: label matchers every usage series must meet.
         """
+        if scope == "metered" and meter is not None and not meter:
+            return {}
         s = window_seconds(start, end)
+        m = list(matchers)
+        cost = counted(COST, ['kind="estimated"', *m], s, by, text, scope, meter)
         queries = {
-            f"{prefix}cost": (counted(COST, ['kind="estimated"'], s, by, text, scope), end),
-            f"{prefix}requests": (counted(REQUESTS, [], s, [*by, "priced"], text, scope), end),
+            f"{prefix}cost": (cost, end),
+            f"{prefix}requests": (
+                counted(REQUESTS, m, s, [*by, "priced"], text, scope, meter),
+                end,
+            ),
         }
         if tokens != "none":
-            m = ['priced="false"'] if tokens == "unpriced" else []
-            t = counted(TOKENS, m, s, [*by, "kind", "priced"], text, scope)
+            m = ['priced="false"', *m] if tokens == "unpriced" else m
+            t = counted(TOKENS, m, s, [*by, "kind", "priced"], text, scope, meter)
             queries[f"{prefix}tokens"] = (t, end)
         return queries
 
@@ -319,7 +548,7 @@ class PromSource:
         def get(s: Sample) -> _Acc:
             return acc.setdefault(tuple(s.labels.get(b, "") for b in by), _Acc())
 
-        for s in answers[f"{prefix}cost"]:
+        for s in answers.get(f"{prefix}cost", []):
             get(s).cost += s.value or 0
         for s in answers.get(f"{prefix}tokens", []):
             a, v = get(s), s.value or Decimal(0)
@@ -328,7 +557,7 @@ class PromSource:
             if s.labels.get("priced") == "false":
                 a.unpriced_tokens += v
                 a.unpriced_seen = a.unpriced_seen or v > 0
-        for s in answers[f"{prefix}requests"]:
+        for s in answers.get(f"{prefix}requests", []):
             a, v = get(s), s.value or Decimal(0)
             a.requests += v
             if s.labels.get("priced") == "false":
@@ -346,7 +575,8 @@ class PromSource:
         scope: str = "counted",
     ) -> dict[tuple[str, ...], Group]:
         """Usage totals of ``[start, end)`` per group of ``by`` labels."""
-        answers = self.run(self.group_queries("", start, end, by, text, scope))
+        meter = self.meter_providers(window_start(start), end)
+        answers = self.run(self.group_queries("", start, end, by, text, scope, meter=meter))
         return self.fold(answers, "", by)
 
     def totals(
@@ -361,13 +591,27 @@ class PromSource:
         return ("provider", "model") if group == "model" else (group,)
 
     def cost_queries(
-        self, start: datetime, end: datetime, group: str = "model", text: str = ""
+        self,
+        start: datetime,
+        end: datetime,
+        group: str = "model",
+        text: str = "",
+        *,
+        meter: Meter = None,
     ) -> dict[str, Query]:
-        """The queries behind :meth:`fold_cost`: the window and the one before it."""
+        """The queries behind :meth:`fold_cost`: the window and the one before it.
+
+        The window before ends where the store's does, on the minute the window starts in
+        (buckets start on whole minutes), so its queries are the same for a minute: their
+        answers are kept (``submit(settled=...)``) instead of being asked again every refresh.
+        """
         by, length = self._by(group), end - start
+        before = window_start(start)
         return {
-            **self.group_queries("now.", start, end, by, text),
-            **self.group_queries("before.", start - length, start, by, text, tokens="none"),
+            **self.group_queries("now.", start, end, by, text, meter=meter),
+            **self.group_queries(
+                "before.", start - length, before, by, text, tokens="none", meter=meter
+            ),
         }
 
     def fold_cost(self, answers: Mapping[str, list[Sample]], group: str) -> list[CostRow]:
@@ -392,7 +636,9 @@ class PromSource:
         self, start: datetime, end: datetime, group: str = "model", text: str = ""
     ) -> list[CostRow]:
         """As :func:`tokentop.store.queries.cost_by`: groups with the previous window."""
-        return self.fold_cost(self.run(self.cost_queries(start, end, group, text)), group)
+        meter = self.meter_providers(window_start(start - (end - start)), end)
+        queries = self.cost_queries(start, end, group, text, meter=meter)
+        return self.fold_cost(self.run(queries), group)
 
     @staticmethod
     def mix(groups: Mapping[tuple[str, ...], Group]) -> list[MixRow]:
@@ -418,8 +664,24 @@ class PromSource:
         """As :func:`tokentop.store.queries.model_mix`."""
         return self.mix(self.groups(start, end, ("provider", "model"), text))
 
-    def spend_queries(self, now: datetime, text: str = "") -> dict[str, Query]:
-        """The queries behind :meth:`fold_spend`."""
+    @staticmethod
+    def month_start(now: datetime) -> datetime:
+        """The first instant of ``now``'s month (UTC): the earliest the Spend pane reads."""
+        return now.astimezone(UTC).replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+
+    def spend_queries(
+        self,
+        now: datetime,
+        text: str = "",
+        *,
+        meter: Meter = None,
+        known_burn: Collection[int] = (),
+    ) -> dict[str, Query]:
+        """The queries behind :meth:`fold_spend`.
+
+        ``known_burn``: burn windows (minutes: 5, 15, 60) whose cost the caller has already
+        asked for (the panes' window when it is as long) and hands to :meth:`fold_spend`.
+        """
         now = now.astimezone(UTC)
         hour_start = now.replace(minute=0, second=0, microsecond=0)
         day_start = hour_start.replace(hour=0)
@@ -427,13 +689,19 @@ class PromSource:
 
         def cost(start: datetime) -> Query:
             seconds = window_seconds(start, now)
-            return (counted(COST, ['kind="estimated"'], seconds, (), text), now)
+            return (counted(COST, ['kind="estimated"'], seconds, (), text, meter=meter), now)
 
         return {
             "spend.hour": cost(hour_start),
             "spend.month": cost(month_start),
-            **{f"spend.burn{m}": cost(now - timedelta(minutes=m)) for m in (5, 15, 60)},
-            **self.group_queries("spend.today.", day_start, now, (), text, tokens="unpriced"),
+            **{
+                f"spend.burn{m}": cost(now - timedelta(minutes=m))
+                for m in BURN_MINUTES
+                if m not in known_burn
+            },
+            **self.group_queries(
+                "spend.today.", day_start, now, (), text, tokens="unpriced", meter=meter
+            ),
             "spend.history": (f"count({REQUESTS} offset 2h)", now),
             **self.freshness_queries(now),
         }
@@ -445,8 +713,13 @@ class PromSource:
         budget_daily: Decimal | None = None,
         budget_monthly: Decimal | None = None,
         spike_floor: Decimal = Decimal(1),
+        burn_cost: Mapping[int, Decimal] | None = None,
     ) -> SpendSummary:
-        """As :func:`tokentop.store.queries.spend_summary`, with the same projections."""
+        """As :func:`tokentop.store.queries.spend_summary`, with the same projections.
+
+        ``burn_cost``: the cost of the burn windows left out of :meth:`spend_queries`
+        (``known_burn``), by minutes.
+        """
         now = now.astimezone(UTC)
         day_start = now.replace(hour=0, minute=0, second=0, microsecond=0)
         month_start = day_start.replace(day=1)
@@ -456,8 +729,9 @@ class PromSource:
             found = answers[f"spend.{name}"]
             return _usd(found[0].value) if found else Decimal(0)
 
+        known = burn_cost or {}
         today = self.fold(answers, "spend.today.", ()).get((), Group(Totals(), True)).totals
-        burn = {m: first(f"burn{m}") * 60 / m for m in (5, 15, 60)}
+        burn = {m: (known[m] if m in known else first(f"burn{m}")) * 60 / m for m in BURN_MINUTES}
         month = first("month")
         hours_left_day = Decimal((day_start + timedelta(days=1) - now).total_seconds()) / 3600
         hours_left_month = Decimal((next_month - now).total_seconds()) / 3600
@@ -490,22 +764,31 @@ class PromSource:
         spike_floor: Decimal = Decimal(1),
     ) -> SpendSummary:
         """As :func:`tokentop.store.queries.spend_summary`, the same projections."""
-        answers = self.run(self.spend_queries(now, text))
+        meter = self.meter_providers(self.month_start(now), now)
+        answers = self.run(self.spend_queries(now, text, meter=meter))
         return self.fold_spend(answers, now, budget_daily, budget_monthly, spike_floor)
 
     def spend_series(
-        self, start: datetime, end: datetime, step: int, text: str = ""
+        self,
+        start: datetime,
+        end: datetime,
+        step: int,
+        text: str = "",
+        *,
+        meter: Meter = None,
+        settled: datetime | None = None,
     ) -> list[tuple[datetime, Decimal]]:
         """Cost per step, oldest first (as :func:`tokentop.store.queries.spend_series`): the
-        increase over each step, evaluated at each step's end."""
+        increase over each step, evaluated at each step's end. Steps ending by ``settled`` are
+        kept (see :meth:`query_range`)."""
         lo = int(start.timestamp()) // step * step
         hi = int(end.timestamp())
         points = list(range(lo, hi, step))
         if not points:
             return []
-        promql = counted(COST, ['kind="estimated"'], step, (), text)
-        series = self.client.query_range(
-            promql, from_epoch(lo + step), from_epoch(points[-1] + step), step
+        promql = counted(COST, ['kind="estimated"'], step, (), text, meter=meter)
+        series = self.query_range(
+            promql, from_epoch(lo + step), from_epoch(points[-1] + step), step, settled
         )
         values = {t - step: v for s in series for t, v in s.points}
         return [(from_epoch(t), _usd(values.get(t))) for t in points]
@@ -520,10 +803,21 @@ class PromSource:
 
     def total_sources(self, start: datetime, end: datetime) -> dict[str, dict[str, list[str]]]:
         """Per provider: the sources its totals come from and the metered ones inside them."""
+        return self.fold_total_sources(self.run(self.total_sources_queries(start, end)))
+
+    @staticmethod
+    def total_sources_queries(start: datetime, end: datetime) -> dict[str, Query]:
+        """The query behind :meth:`fold_total_sources`."""
         s = window_seconds(start, end)
-        rows = self.client.query(
-            f"sum by (provider, source, metered) ({increase(REQUESTS, [], s)}) > 0", end
-        )
+        promql = f"sum by (provider, source, metered) ({increase(REQUESTS, [], s)}) > 0"
+        return {"sources.totals": (promql, end)}
+
+    @staticmethod
+    def fold_total_sources(
+        answers: Mapping[str, list[Sample]],
+    ) -> dict[str, dict[str, list[str]]]:
+        """Per provider: the sources its totals come from and the metered ones inside them."""
+        rows = answers["sources.totals"]
         covered = {r.labels.get("provider", "") for r in rows if r.labels.get("metered") != "true"}
         out: dict[str, dict[str, list[str]]] = {}
         for r in sorted(rows, key=lambda r: (r.labels.get("provider", ""), r.labels.get("source"))):
@@ -885,18 +1179,25 @@ class PromSource:
         return _overview(devices, endpoints, end)
 
     def gpu_series(
-        self, start: datetime, end: datetime, step: int
+        self, start: datetime, end: datetime, step: int, settled: datetime | None = None
     ) -> list[tuple[datetime, Decimal | None]]:
-        """$/inference per step (``None`` where nothing was served), from tokentop's metrics."""
+        """$/inference per step (``None`` where nothing was served), from tokentop's metrics.
+        Steps ending by ``settled`` are kept (see :meth:`query_range`)."""
         lo = int(start.timestamp()) // step * step
         points = list(range(lo, int(end.timestamp()), step))
         if not points:
             return []
         a, b = from_epoch(lo + step), from_epoch(points[-1] + step)
-        cost = self.client.query_range(f"sum({increase(GPU_COST, [], step)})", a, b, step)
-        reqs = self.client.query_range(f"sum({increase(INFERENCES, [], step)})", a, b, step)
-        c = {t - step: v for s in cost for t, v in s.points}
-        r = {t - step: v for s in reqs for t, v in s.points}
+        # Both series in one request, told apart by a label.
+        promql = " or ".join(
+            f'label_replace(sum({increase(metric, [], step)}), "figure", "{figure}", "", "")'
+            for figure, metric in (("cost", GPU_COST), ("inferences", INFERENCES))
+        )
+        found: dict[str, list[Series]] = {"cost": [], "inferences": []}
+        for series in self.query_range(promql, a, b, step, settled):
+            found.setdefault(series.labels.get("figure", ""), []).append(series)
+        c = {t - step: v for s in found["cost"] for t, v in s.points}
+        r = {t - step: v for s in found["inferences"] for t, v in s.points}
         out: list[tuple[datetime, Decimal | None]] = []
         for t in points:
             n = _count(r.get(t))
@@ -943,10 +1244,6 @@ def _iso(value: datetime | None) -> str | None:
     return None if value is None else value.isoformat()
 
 
-def _usd_json(value: Decimal | None) -> float | None:
-    return None if value is None else float(round(value, 9))
-
-
 NOT_AVAILABLE = (
     "billed_usd",
     "by_provider",
@@ -969,26 +1266,34 @@ def prometheus_report(
     :func:`tokentop.store.report.build_report` (the fields it can know; see
     :data:`NOT_AVAILABLE`)."""
     end = now + timedelta(seconds=1)
-    queries: dict[str, Query] = {
-        **source.group_queries("metered.", start, now, (), scope="metered"),
-        **source.group_queries("model.", start, now, ("provider", "model")),
-        **source.first_gpu_queries(start, now),
-        **source.freshness_queries(now),
+    began = time.perf_counter()
+    # Everything but the usage queries goes out while the meter probe is answered.
+    first = source.submit(
+        {
+            **source.first_gpu_queries(start, now),
+            **source.source_queries(now),
+            **source.total_sources_queries(start, now),
+        }
+    )
+    meter = source.meter_providers(window_start(start), now)
+    usage = {
+        **source.group_queries("metered.", start, now, (), scope="metered", meter=meter),
+        **source.group_queries("model.", start, now, ("provider", "model"), meter=meter),
     }
-    answers = source.run(queries)
+    answers = {**source.run(usage), **first.result()}
     source.complete_gpu(answers, start, now)
     metered = source.fold(answers, "metered.", ()).get((), Group(Totals(), True)).totals
     by_model = source.fold(answers, "model.", ("provider", "model"))
     total = add_totals(g.totals for g in by_model.values())
     gpu = source.fold_gpu(answers, start, now)
     newest_usage, newest_sample = source.fold_freshness(answers, now)
-    sources = source.sources(now)
+    sources = source.fold_sources(answers, now, time.perf_counter() - began)
     rows = sorted(
         by_model.items(), key=lambda kv: (-kv[1].totals.cost, -kv[1].totals.requests, kv[0][1])
     )
-    return {
+    head = {
         "tokentop": {
-            "report_version": 1,
+            "report_version": REPORT_VERSION,
             "generated_at": now.isoformat(),
             "label": "",
             "demo": bool(sources[1:]) and all(s.kind == "demo" for s in sources[1:]),
@@ -998,109 +1303,31 @@ def prometheus_report(
         "window": {"start": start.isoformat(), "end": end.isoformat()},
         "via": f"Prometheus {source.url}",
         "not_available": list(NOT_AVAILABLE),
-        "total_usd": _usd_json(total.cost),
-        "billed_usd": None,
-        "requests": total.requests,
-        "cost_per_request_usd": _usd_json(total.cost_per_request),
-        "cost_per_request_excludes_unpriced_requests": total.unpriced_requests,
-        "input_tokens": total.input_total,
-        "cached_input_tokens": total.cache_read,
-        "cache_write_tokens": total.cache_write,
-        "output_tokens": total.output,
-        "of_which_metered": {
-            "usd": _usd_json(metered.cost),
-            "requests": metered.requests,
-            "input_tokens": metered.input_total,
-            "output_tokens": metered.output,
-        },
-        "total_sources": source.total_sources(start, now),
-        "by_model": [
-            {
-                "provider": k[0],
-                "model": k[1],
-                "requests": g.totals.requests,
-                "input_tokens": g.totals.input_total,
-                "cached_input_tokens": g.totals.cache_read,
-                "cache_write_tokens": g.totals.cache_write,
-                "output_tokens": g.totals.output,
-                "cost_usd": _usd_json(g.totals.cost) if g.priced else None,
-                "cost_per_request_usd": _usd_json(g.totals.cost_per_request) if g.priced else None,
-                "priced": g.priced,
-            }
+    }
+    return assemble_report(
+        head,
+        now=now,
+        totals=total,
+        metered=metered,
+        billed=None,
+        total_sources=source.fold_total_sources(answers),
+        by_model=[
+            CostRow(key=k[1], provider=k[0], totals=g.totals, previous=Totals(), priced=g.priced)
             for k, g in rows
         ],
-        "unpriced": source.unpriced(by_model),
-        "by_provider": [],
-        "not_billed_yet": [],
-        "billed_days": [],
-        "gpu": {
-            "cost_usd": _usd_json(gpu.cost),
-            "inferences": gpu.inferences,
-            "cost_per_inference_usd": _usd_json(gpu.cost_per_inference),
-            "cost_per_1m_tokens_usd": _usd_json(gpu.cost_per_1m_tokens),
-            "idle_cost_usd": _usd_json(gpu.idle_cost),
-            "prompt_tokens": gpu.prompt_tokens,
-            "generation_tokens": gpu.generation_tokens,
-            "devices": [
-                {
-                    "source": d.source,
-                    "device": d.device,
-                    "name": d.name,
-                    "index": d.index,
-                    "cost_usd": _usd_json(d.cost),
-                    "idle_cost_usd": _usd_json(d.idle_cost),
-                    "seconds": round(d.seconds, 3),
-                    "util_pct": d.util_pct,
-                    "power_w": d.power_w,
-                    "usd_per_hour": _usd_json(d.usd_per_hour),
-                    "last_seen": _iso(d.last_seen),
-                    "cost_basis": d.cost_ref,
-                }
-                for d in gpu.devices
-            ],
-            "endpoints": [
-                {
-                    "source": e.source,
-                    "endpoint": e.endpoint,
-                    "kind": e.kind,
-                    "inferences": e.requests,
-                    "prompt_tokens": e.prompt_tokens,
-                    "generation_tokens": e.generation_tokens,
-                    "inferences_per_s": None if e.per_second is None else round(e.per_second, 4),
-                }
-                for e in gpu.endpoints
-            ],
-            "rates": gpu_rates or [],
-        },
-        "sources": [
-            {
-                "name": s.name,
-                "kind": s.kind,
-                "state": s.shown_state(now),
-                "stale": s.stale(now),
-                "age_s": None if s.last_success is None else round(s.age_s(now) or 0.0, 1),
-                "interval_s": s.interval_s,
-                "last_success": _iso(s.last_success),
-                "last_error": s.last_error,
-                "last_error_at": _iso(s.last_error_at),
-                "lag_s": None if s.lag_s is None else round(s.lag_s, 1),
-                "calls_last_hour": s.calls_last_hour,
-                "newest_data": _iso(s.newest_data),
-            }
-            for s in sources
-        ],
-        "freshness": {
-            "newest_usage": _iso(newest_usage),
-            "usage_age_s": None
-            if newest_usage is None
-            else round((now - newest_usage).total_seconds(), 1),
-            "newest_gpu": _iso(gpu.newest),
+        unpriced=source.unpriced(by_model),
+        provider_days=(),
+        gpu=gpu,
+        gpu_rates=gpu_rates,
+        sources=sources,
+        newest_usage=newest_usage,
+        freshness={
             "newest_sample": _iso(newest_sample),
             "sample_age_s": None
             if newest_sample is None
             else round((now - newest_sample).total_seconds(), 1),
         },
-        "prices": {
+        prices={
             "source": "each host's own price book",
             "version": "n/a (via Prometheus)",
             "online_updates": False,
@@ -1109,4 +1336,4 @@ def prometheus_report(
             "by_ref": [],
             "flagged": [],
         },
-    }
+    )

@@ -11,13 +11,15 @@ import csv
 import io
 import json
 import shlex
+from collections.abc import Iterable, Sequence
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
 from tokentop.store import queries
 from tokentop.store.db import Store
-from tokentop.store.queries import CostRow
+from tokentop.store.queries import CostRow, GpuOverview, ProviderDay, Totals
+from tokentop.store.records import SourceHealth
 from tokentop.store.text import csv_cell, csv_comment, md_cell
 from tokentop.store.view import DEFAULT_SORT, sort_name, sort_rows
 
@@ -87,28 +89,11 @@ def build_report(
         window: the window's name on the screen (``1h``), for the record.
     """
     sort = sort or DEFAULT_SORT
-    totals = queries.totals(store, start, end, text)
-    metered = queries.totals(store, start, end, text, scope="metered")
     by_model = queries.cost_by(store, start, end, "model", text)
     by_group = sort_rows(
         by_model if group == "model" else queries.cost_by(store, start, end, group, text), sort
     )
-    gpu = queries.gpu_overview(store, start, end)
-    sources = queries.sources(store, now)
-    newest = queries.newest_complete_usage(store, now)
-    billed = queries.billed_total(store, start, end)
-    provider_days = queries.billed_vs_estimated(store, start, end)
-    providers: dict[str, dict[str, Decimal | None]] = {}
-    # Billed vs estimated compares the same settled days: a day the provider has not billed yet
-    # is left out of both sides and listed as not billed yet.
-    not_billed = [d for d in provider_days if d.billed is None]
-    for day in provider_days:
-        if day.billed is None:
-            continue
-        p = providers.setdefault(day.provider, {"estimated": Decimal(0), "billed": Decimal(0)})
-        p["estimated"] = (p["estimated"] or Decimal(0)) + day.estimated
-        p["billed"] = (p["billed"] or Decimal(0)) + day.billed
-    return {
+    head = {
         "tokentop": {
             "report_version": REPORT_VERSION,
             "generated_at": now.isoformat(),
@@ -146,6 +131,78 @@ def build_report(
                 ]
             ),
         },
+    }
+    return assemble_report(
+        head,
+        now=now,
+        totals=queries.totals(store, start, end, text),
+        metered=queries.totals(store, start, end, text, scope="metered"),
+        billed=queries.billed_total(store, start, end),
+        total_sources=queries.total_sources(store, start, end),
+        by_model=by_model,
+        by_group=[_group_row(row, group) for row in by_group],
+        unpriced=queries.unpriced(store, start, end, text),
+        provider_days=queries.billed_vs_estimated(store, start, end),
+        gpu=queries.gpu_overview(store, start, end),
+        gpu_rates=gpu_rates,
+        sources=queries.sources(store, now),
+        newest_usage=queries.newest_complete_usage(store, now),
+        prices=_prices(store, start, end, prices),
+    )
+
+
+def assemble_report(
+    head: dict[str, Any],
+    *,
+    now: datetime,
+    totals: Totals,
+    metered: Totals,
+    billed: Decimal | None,
+    total_sources: dict[str, dict[str, list[str]]],
+    by_model: Iterable[CostRow],
+    unpriced: dict[str, int],
+    provider_days: Sequence[ProviderDay],
+    gpu: GpuOverview,
+    gpu_rates: list[dict[str, Any]] | None,
+    sources: Iterable[SourceHealth],
+    newest_usage: datetime | None,
+    prices: dict[str, Any],
+    by_group: list[dict[str, Any]] | None = None,
+    freshness: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The report's fields from its figures, in the contract's order, wherever they were read
+    (the database here; a Prometheus server in :mod:`tokentop.collectors.promsource`).
+
+    Args:
+        head: the fields before the figures (``tokentop``, ``window``, and what describes the
+            source: ``resolution`` and ``view``, or ``via`` and ``not_available``).
+        now: when the report is made (ages are measured against it).
+        totals: the window's usage, each dollar once.
+        metered: the request meter's part of ``totals``.
+        billed: the providers' billed cost (``None`` where it cannot be known).
+        total_sources: per provider, the sources its totals come from.
+        by_model: the window's rows by model.
+        unpriced: tokens of unpriced models, by ``provider/model``.
+        provider_days: billed beside estimated, per provider and day.
+        gpu: GPU cost per inference over the window.
+        gpu_rates: the GPU rates in force, for the record.
+        sources: every source's health.
+        newest_usage: the newest complete usage minute.
+        prices: the ``prices`` section.
+        by_group: the group table's rows (``None``: not part of this report).
+        freshness: more ``freshness`` fields.
+    """
+    # Billed vs estimated compares the same settled days: a day the provider has not billed yet
+    # is left out of both sides and listed as not billed yet.
+    providers: dict[str, dict[str, Decimal]] = {}
+    for day in provider_days:
+        if day.billed is None:
+            continue
+        p = providers.setdefault(day.provider, {"estimated": Decimal(0), "billed": Decimal(0)})
+        p["estimated"] += day.estimated
+        p["billed"] += day.billed
+    report = {
+        **head,
         "total_usd": usd(totals.cost),
         "billed_usd": usd(billed),
         "requests": totals.requests,
@@ -164,7 +221,7 @@ def build_report(
             "input_tokens": metered.input_total,
             "output_tokens": metered.output,
         },
-        "total_sources": queries.total_sources(store, start, end),
+        "total_sources": total_sources,
         "by_model": [
             {
                 "provider": row.provider,
@@ -180,8 +237,8 @@ def build_report(
             }
             for row in by_model
         ],
-        "by_group": [_group_row(row, group) for row in by_group],
-        "unpriced": queries.unpriced(store, start, end, text),
+        **({} if by_group is None else {"by_group": by_group}),
+        "unpriced": unpriced,
         "by_provider": [
             {
                 "provider": name,
@@ -190,9 +247,7 @@ def build_report(
                 ),
                 "estimated_usd": usd(p["estimated"]),
                 "billed_usd": usd(p["billed"]),
-                "gap_usd": usd(p["billed"] - (p["estimated"] or Decimal(0)))
-                if p["billed"] is not None
-                else None,
+                "gap_usd": usd(p["billed"] - p["estimated"]),
             }
             for name, p in sorted(providers.items())
         ],
@@ -202,7 +257,8 @@ def build_report(
                 "day": d.day.date().isoformat(),
                 "estimated_usd": usd(d.estimated),
             }
-            for d in not_billed
+            for d in provider_days
+            if d.billed is None
         ],
         "billed_days": [
             {
@@ -214,45 +270,7 @@ def build_report(
             }
             for d in provider_days
         ],
-        "gpu": {
-            "cost_usd": usd(gpu.cost),
-            "inferences": gpu.inferences,
-            "cost_per_inference_usd": usd(gpu.cost_per_inference),
-            "cost_per_1m_tokens_usd": usd(gpu.cost_per_1m_tokens),
-            "idle_cost_usd": usd(gpu.idle_cost),
-            "prompt_tokens": gpu.prompt_tokens,
-            "generation_tokens": gpu.generation_tokens,
-            "devices": [
-                {
-                    "source": d.source,
-                    "device": d.device,
-                    "name": d.name,
-                    "index": d.index,
-                    "cost_usd": usd(d.cost),
-                    "idle_cost_usd": usd(d.idle_cost),
-                    "seconds": round(d.seconds, 3),
-                    "util_pct": d.util_pct,
-                    "power_w": d.power_w,
-                    "usd_per_hour": usd(d.usd_per_hour),
-                    "last_seen": _iso(d.last_seen),
-                    "cost_basis": d.cost_ref,
-                }
-                for d in gpu.devices
-            ],
-            "endpoints": [
-                {
-                    "source": e.source,
-                    "endpoint": e.endpoint,
-                    "kind": e.kind,
-                    "inferences": e.requests,
-                    "prompt_tokens": e.prompt_tokens,
-                    "generation_tokens": e.generation_tokens,
-                    "inferences_per_s": None if e.per_second is None else round(e.per_second, 4),
-                }
-                for e in gpu.endpoints
-            ],
-            "rates": gpu_rates or [],
-        },
+        "gpu": _gpu(gpu, gpu_rates),
         "sources": [
             {
                 "name": s.name,
@@ -273,11 +291,57 @@ def build_report(
             for s in sources
         ],
         "freshness": {
-            "newest_usage": _iso(newest),
-            "usage_age_s": None if newest is None else round((now - newest).total_seconds(), 1),
+            "newest_usage": _iso(newest_usage),
+            "usage_age_s": None
+            if newest_usage is None
+            else round((now - newest_usage).total_seconds(), 1),
             "newest_gpu": _iso(gpu.newest),
+            **(freshness or {}),
         },
-        "prices": _prices(store, start, end, prices),
+        "prices": prices,
+    }
+    return report
+
+
+def _gpu(gpu: GpuOverview, rates: list[dict[str, Any]] | None) -> dict[str, Any]:
+    return {
+        "cost_usd": usd(gpu.cost),
+        "inferences": gpu.inferences,
+        "cost_per_inference_usd": usd(gpu.cost_per_inference),
+        "cost_per_1m_tokens_usd": usd(gpu.cost_per_1m_tokens),
+        "idle_cost_usd": usd(gpu.idle_cost),
+        "prompt_tokens": gpu.prompt_tokens,
+        "generation_tokens": gpu.generation_tokens,
+        "devices": [
+            {
+                "source": d.source,
+                "device": d.device,
+                "name": d.name,
+                "index": d.index,
+                "cost_usd": usd(d.cost),
+                "idle_cost_usd": usd(d.idle_cost),
+                "seconds": round(d.seconds, 3),
+                "util_pct": d.util_pct,
+                "power_w": d.power_w,
+                "usd_per_hour": usd(d.usd_per_hour),
+                "last_seen": _iso(d.last_seen),
+                "cost_basis": d.cost_ref,
+            }
+            for d in gpu.devices
+        ],
+        "endpoints": [
+            {
+                "source": e.source,
+                "endpoint": e.endpoint,
+                "kind": e.kind,
+                "inferences": e.requests,
+                "prompt_tokens": e.prompt_tokens,
+                "generation_tokens": e.generation_tokens,
+                "inferences_per_s": None if e.per_second is None else round(e.per_second, 4),
+            }
+            for e in gpu.endpoints
+        ],
+        "rates": rates or [],
     }
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -45,8 +45,18 @@ def vector(*samples: tuple[dict[str, str], str]) -> dict[str, Any]:
     }
 
 
-def client(handler: Any) -> PromClient:
-    return PromClient("http://prom.test:9090", transport=httpx.MockTransport(handler))
+def client(handler: Any, metered: tuple[str, ...] = ()) -> PromClient:
+    """A client of a fake server: ``handler`` answers the queries; the label endpoints answer
+    that ``metered`` are the providers of the meter's series."""
+
+    def route(request: httpx.Request) -> httpx.Response:
+        if request.url.path.startswith("/api/v1/label/provider/"):
+            return httpx.Response(200, json={"status": "success", "data": list(metered)})
+        if request.url.path.startswith("/api/v1/label"):
+            return httpx.Response(200, json={"status": "success", "data": []})
+        return handler(request)  # type: ignore[no-any-return]
+
+    return PromClient("http://prom.test:9090", transport=httpx.MockTransport(route))
 
 
 def test_window_starts_on_the_first_whole_minute() -> None:
@@ -117,7 +127,7 @@ def test_every_failure_is_a_source_error(response: httpx.Response) -> None:
 def test_totals_fold_costs_tokens_and_unpriced() -> None:
     def handler(request: httpx.Request) -> httpx.Response:
         q = parse_qs(request.content.decode())["query"][0]
-        if q.startswith("sum((") and "tokentop_cost_usd_total" in q:
+        if q.startswith("sum(") and "tokentop_cost_usd_total" in q:
             return httpx.Response(200, json=vector(({}, "2.000000001")))
         if "tokentop_tokens_total" in q:
             return httpx.Response(
@@ -223,3 +233,159 @@ def test_report_shape_matches_the_local_report(tmp_path: Path) -> None:
     assert set(local["freshness"]) <= set(remote["freshness"])
     assert remote["total_usd"] == 0.0 and remote["requests"] == 0
     json.dumps(remote)
+
+
+def test_counted_leaves_out_the_meter_rule_when_nothing_is_metered() -> None:
+    plain = counted(COST, ['kind="estimated"'], 60, ("provider", "model"), meter=())
+    assert plain == (
+        'sum by (model, provider) (increase(tokentop_cost_usd_total{kind="estimated",'
+        ' metered="false"}[60000ms]))'
+    )
+    assert counted(COST, [], 60, (), meter=()).startswith("sum(sum by (provider) (")
+    assert counted(COST, [], 60, (), scope="metered", meter=()) == "vector(0) > 1"
+    # Metered providers: the covered-provider lookup reads only theirs.
+    some = counted(COST, [], 60, (), meter=("openai", "a.b"))
+    assert 'group by (provider) (tokentop_requests_total{metered="false",' in some
+    assert 'provider=~"a\\\\.b|openai"' in some
+    assert counted(COST, [], 60, (), meter=None) == counted(COST, [], 60, ())
+
+
+def _recording(answer: Any) -> tuple[list[str], Any]:
+    sent: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        q = parse_qs(request.content.decode())["query"][0]
+        if request.url.path.endswith("/query_range"):
+            matrix = {"resultType": "matrix", "result": []}
+            return httpx.Response(200, json={"status": "success", "data": matrix})
+        sent.append(q)
+        return httpx.Response(200, json=vector(*answer(q)))
+
+    return sent, handler
+
+
+def test_small_queries_go_as_one_request_and_come_back_apart() -> None:
+    def answer(q: str) -> list[tuple[dict[str, str], str]]:
+        if q.startswith("label_replace("):
+            return [
+                ({"source": "demo", "tokentop_query": "src.up"}, "1"),
+                ({"tokentop_query": "fresh.usage"}, "1767225500"),
+            ]
+        return [({"model": "m"}, "2")]
+
+    sent, handler = _recording(answer)
+    source = PromSource(client(handler))
+    try:
+        answers = source.run(
+            {
+                "src.up": ("last_over_time(tokentop_source_up[1h])", NOW),
+                "fresh.usage": ("max(tokentop_usage_newest_timestamp_seconds)", NOW),
+                "now.cost": ("sum by (model) (x)", NOW),
+            }
+        )
+    finally:
+        source.close()
+    assert len(sent) == 2
+    batch = next(q for q in sent if q.startswith("label_replace("))
+    assert batch == (
+        'label_replace(last_over_time(tokentop_source_up[1h]), "tokentop_query", "src.up", "",'
+        ' "") or label_replace(max(tokentop_usage_newest_timestamp_seconds), "tokentop_query",'
+        ' "fresh.usage", "", "")'
+    )
+    assert [dict(s.labels) for s in answers["src.up"]] == [{"source": "demo"}]
+    assert [s.value for s in answers["fresh.usage"]] == [Decimal(1767225500)]
+    assert [dict(s.labels) for s in answers["now.cost"]] == [{"model": "m"}]
+
+
+def test_the_window_before_is_asked_once_a_minute() -> None:
+    sent, handler = _recording(lambda q: [])
+    source = PromSource(client(handler))
+    try:
+        for second in (1, 20, 59):
+            now = NOW.replace(minute=10, second=second)
+            build_prometheus_snapshot(source, RefreshRequest(seq=second, now=now, window="1h"))
+
+        def before_window(q: str) -> bool:
+            return q.startswith("sum by (model, ") and "[3600000ms]" in q
+
+        before = [q for q in sent if before_window(q)]
+        # Cost and requests of 22:10 - 23:10 (the window before 23:10:xx - 00:10:xx) once;
+        # the window itself every refresh.
+        assert len(before) == 2
+        # The window itself, in the batch of the window's figures, each time.
+        assert len([q for q in sent if '"tokentop_query", "now.cost"' in q]) == 3
+        # A new minute: a new window before.
+        build_prometheus_snapshot(
+            source, RefreshRequest(seq=9, now=NOW.replace(minute=11, second=1), window="1h")
+        )
+        assert len([q for q in sent if before_window(q)]) == 2 + 2
+    finally:
+        source.close()
+
+
+def test_a_refresh_with_metered_providers_keeps_the_counted_once_rule() -> None:
+    sent, handler = _recording(lambda q: [])
+    source = PromSource(client(handler, metered=("openai",)))
+    try:
+        build_prometheus_snapshot(source, RefreshRequest(seq=1, now=NOW, window="1h"))
+        usage = [q for q in sent if "tokentop_cost_usd_total" in q]
+        assert usage and all("unless on (provider)" in q for q in usage)
+        assert all('provider=~"openai"' in q for q in usage)
+    finally:
+        source.close()
+    sent, handler = _recording(lambda q: [])
+    source = PromSource(client(handler))
+    try:
+        build_prometheus_snapshot(source, RefreshRequest(seq=1, now=NOW, window="1h"))
+        assert sent and not any("unless" in q for q in sent)
+        # The 1h burn rate is the window's own cost: not asked twice.
+        spend = "sum(sum by (provider) (increase(tokentop_cost_usd_total"
+        assert sum(q.count(spend) for q in sent) == 5  # hour, 5m, 15m, today, month
+    finally:
+        source.close()
+
+
+def test_a_failing_meter_probe_is_a_source_error() -> None:
+    def route(request: httpx.Request) -> httpx.Response:
+        if request.url.path.startswith("/api/v1/label"):
+            return httpx.Response(503, text="overloaded")
+        return httpx.Response(200, json=vector())
+
+    source = PromSource(PromClient("http://prom.test:9090", transport=httpx.MockTransport(route)))
+    try:
+        with pytest.raises(PromError, match="HTTP 503"):
+            build_prometheus_snapshot(source, RefreshRequest(seq=1, now=NOW, window="1h"))
+        with pytest.raises(PromError):
+            prometheus_report(source, NOW.replace(minute=0), NOW)
+    finally:
+        source.close()
+
+
+def test_a_charts_settled_steps_are_asked_once() -> None:
+    asked: list[tuple[float, float]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        form = parse_qs(request.content.decode())
+        start, end, step = (float(form[k][0]) for k in ("start", "end", "step"))
+        asked.append((start, end))
+        points = [[start + i * step, "0.5"] for i in range(int((end - start) // step) + 1)]
+        matrix = {"resultType": "matrix", "result": [{"metric": {}, "values": points}]}
+        return httpx.Response(200, json={"status": "success", "data": matrix})
+
+    source = PromSource(client(handler))
+    try:
+        now = NOW.replace(minute=30, second=10)  # 23:30:10
+        settled = now - timedelta(minutes=5)
+        first = source.spend_series(now - timedelta(hours=1), now, 60, settled=settled)
+        later = now + timedelta(seconds=40)
+        second = source.spend_series(
+            later - timedelta(hours=1), later, 60, settled=later - timedelta(minutes=5)
+        )
+    finally:
+        source.close()
+    assert len(first) == len(second) == 61
+    assert all(v == Decimal("0.5") for _, v in first + second)
+    minute = NOW.replace(minute=0, second=0).timestamp() - 3600  # 22:00
+    # The first call asks for the whole hour (the steps ending 22:31 to 23:31), the second only
+    # for the steps after the last settled one (23:25, five minutes before the first call).
+    assert asked == [(minute + 31 * 60, minute + 91 * 60), (minute + 86 * 60, minute + 91 * 60)]

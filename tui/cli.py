@@ -178,8 +178,29 @@ def _view_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The command line, as DESIGN.md fixes it."""
+class _Unbuilt:
+    """Stands for a parser (or group, or subparsers action) of a command not being parsed:
+    whatever is added to it is dropped."""
+
+    def __getattr__(self, name: str) -> Any:
+        return lambda *args, **kwargs: _Unbuilt()
+
+
+class _OneCommand:
+    """The subparsers action as the code adding commands sees it when only ``name`` is parsed:
+    the other commands' parsers are never built."""
+
+    def __init__(self, sub: Any, name: str) -> None:
+        self._sub = sub
+        self._name = name
+
+    def add_parser(self, name: str, **kwargs: Any) -> Any:
+        return self._sub.add_parser(name, **kwargs) if name == self._name else _Unbuilt()
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The command line, as DESIGN.md fixes it; with ``only``, the top level and that command
+    alone (see :func:`parse_args`)."""
     common = _common(suppress=True)
 
     parser = _Parser(
@@ -212,7 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FORMATS",
         help="what `e` writes beside the SVG: json, csv, md, comma-separated (default json)",
     )
-    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+    sub: Any = parser.add_subparsers(dest="command", parser_class=_Parser)
+    if only is not None:
+        sub = _OneCommand(sub, only)
 
     collect = sub.add_parser("collect", parents=[common], help="run the collectors headless")
     collect.add_argument("--once", action="store_true", help="poll every source once and exit")
@@ -270,6 +293,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_LEADING_WITH_VALUE = frozenset({"--db", "--config", "--prometheus"})
+_LEADING_FLAGS = frozenset({"--demo", "-v", "--verbose"})
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse the command line, building the parser of the command given alone when the words
+    before it are plain global options: a status bar's ``tokentop status`` does not build the
+    parsers of every other command. Whatever that parser refuses, the whole one parses again,
+    so errors (and help) read as they always have."""
+    words = list(sys.argv[1:] if argv is None else argv)
+    i = 0
+    while i < len(words):
+        word = words[i]
+        if word in _LEADING_WITH_VALUE:
+            i += 2
+        elif word in _LEADING_FLAGS or word.split("=", 1)[0] in _LEADING_WITH_VALUE:
+            i += 1
+        else:
+            break
+    if i < len(words) and not words[i].startswith("-"):
+        try:
+            return build_parser(only=words[i]).parse_args(words)
+        except UsageError:
+            pass
+    return build_parser().parse_args(words)
+
+
 @dataclass
 class _Context:
     args: argparse.Namespace
@@ -311,7 +361,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
     db_path: Path | None = None
     try:
-        args = build_parser().parse_args(argv)
+        args = parse_args(argv)
         command = args.command or "tui"
         if sys.stdout is None and command not in _NO_STDOUT and not getattr(args, "output", None):
             print("tokentop: error: standard output is closed", file=sys.stderr)

@@ -12,16 +12,26 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import Future
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
 
 from tokentop.collectors.promql import Sample
-from tokentop.collectors.promsource import PromSource, Query, add_totals
+from tokentop.collectors.promsource import (
+    BURN_MINUTES,
+    PromSource,
+    Query,
+    add_totals,
+    window_start,
+)
 from tokentop.store.queries import series_step
 from tokentop.tui.snapshot import RefreshRequest, Snapshot, usage_loading
 
 Series = list[tuple[datetime, Decimal]]
 GpuSeries = list[tuple[datetime, Decimal | None]]
+
+SETTLED = timedelta(minutes=5)
+"""Samples older than this have all arrived (a few scrape intervals): a query evaluated that
+long ago has a fixed answer."""
 
 
 def build_prometheus_snapshot(source: PromSource, request: RefreshRequest) -> Snapshot:
@@ -34,36 +44,61 @@ def build_prometheus_snapshot(source: PromSource, request: RefreshRequest) -> Sn
         request.panes,
         request.now,
     )
-    queries: dict[str, Query] = {**source.source_queries(now)}
+    pool = source._pool  # the source's own query threads
+    length = end - start
+    # The usage queries leave out the counted-once lookup when nothing is metered (see
+    # ``counted``): the probe reads the server's index over the earliest window any pane reads.
+    earliest = window_start(start - length if "cost" in panes else start)
+    if "spend" in panes:
+        earliest = min(earliest, source.month_start(now))
+    # What does not depend on it goes out first.
+    first: dict[str, Query] = {**source.source_queries(now)}
     step = series_step(start, end, request.chart_points)
     gstep = series_step(start, end, 60)
-    pool = source._pool  # the source's own query threads
     spend_series: Future[Series] | None = None
     gpu_series: Future[GpuSeries] | None = None
+    if "gpu" in panes:
+        first.update(source.first_gpu_queries(start, end))
+        gpu_series = pool.submit(source.gpu_series, start, end, gstep, now - SETTLED)
+    if "spend" in panes:
+        first["spend.history"] = source.spend_queries(now, text)["spend.history"]
+    pending = source.submit(first)
+    usage_panes = bool(panes & {"spend", "cost", "mix"})
+    meter = source.meter_providers(earliest, now) if usage_panes else ()
     # The window's groups by model serve the model mix and the window's totals (every usage
-    # row is in one group); the cost pane adds the window before and another grouping.
+    # row is in one group); the cost pane adds the window before and another grouping. A
+    # window as long as a burn rate's (1h, 15m) gives that burn rate too.
     by_model = ("provider", "model")
     model = "now." if "cost" in panes and request.group == "model" else "model."
+    usage: dict[str, Query] = {}
     if model == "model." and panes & {"spend", "mix"}:
-        queries.update(source.group_queries(model, start, end, by_model, text))
+        usage.update(source.group_queries(model, start, end, by_model, text, meter=meter))
+    known_burn = [m for m in BURN_MINUTES if length == timedelta(minutes=m)]
     if "spend" in panes:
-        queries.update(source.spend_queries(now, text))
-        spend_series = pool.submit(source.spend_series, start, end, step, text)
+        usage.update(source.spend_queries(now, text, meter=meter, known_burn=known_burn))
+        spend_series = pool.submit(
+            source.spend_series, start, end, step, text, meter=meter, settled=now - SETTLED
+        )
     if "cost" in panes:
-        queries.update(source.cost_queries(start, end, request.group, text))
-    if "gpu" in panes:
-        queries.update(source.first_gpu_queries(start, end))
-        gpu_series = pool.submit(source.gpu_series, start, end, gstep)
-    answers: dict[str, list[Sample]] = source.run(queries)
+        usage.update(source.cost_queries(start, end, request.group, text, meter=meter))
+    # The window before is settled: its answers are kept while its queries stay the same.
+    usage = {name: q for name, q in usage.items() if name not in first}
+    answers: dict[str, list[Sample]] = source.run(usage, settled=now - SETTLED)
+    answers.update(pending.result())
     if "gpu" in panes:
         source.complete_gpu(answers, start, end)
     values: dict[str, object] = {}
     if "spend" in panes:
-        spend = source.fold_spend(answers, now, request.budget_daily, request.budget_monthly)
-        values["spend"] = spend
-        values["window_totals"] = add_totals(
-            g.totals for g in source.fold(answers, model, by_model).values()
+        window = add_totals(g.totals for g in source.fold(answers, model, by_model).values())
+        spend = source.fold_spend(
+            answers,
+            now,
+            request.budget_daily,
+            request.budget_monthly,
+            burn_cost={m: window.cost for m in known_burn},
         )
+        values["spend"] = spend
+        values["window_totals"] = window
         values["series_step"] = step
         assert spend_series is not None
         values["series"] = tuple(v for _, v in spend_series.result())
