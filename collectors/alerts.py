@@ -33,12 +33,13 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from tokentop.collectors.alert_config import USAGE_SCOPES, AlertRule, AlertsConfig
-from tokentop.collectors.base import Clock, utcnow
+from tokentop.collectors.base import Clock, SourceError, utcnow
 from tokentop.store import alert_queries as aq
 from tokentop.store import alerts as alert_store
 from tokentop.store.alerts import AlertState, Changes
 from tokentop.store.db import Store
 from tokentop.store.queries import sources as source_health
+from tokentop.store.records import SourceHealth
 from tokentop.store.text import clean
 
 if TYPE_CHECKING:  # `tokentop check` evaluates rules without the HTTP client or an event loop
@@ -163,21 +164,27 @@ class RuleResult:
         return f"{self.rule.name}: {worst.summary}{more}"
 
 
-class _Figures:
-    """Store figures memoised for one evaluation (rules share today's spend and the burn)."""
+class NotAvailable(Exception):
+    """A figure the rules' source cannot give (the rule is UNKNOWN, with this reason)."""
 
-    def __init__(self, store: Store, now: datetime) -> None:
-        self.store = store
+
+class Figures:
+    """What the rules read, memoised for one evaluation (rules share today's spend and the
+    burn). :class:`StoreFigures` reads the database; ``tokentop check --prometheus`` reads a
+    fleet through :class:`tokentop.collectors.prom_check.PromFigures`. A figure a source cannot
+    give raises :class:`NotAvailable`."""
+
+    def __init__(self, now: datetime) -> None:
         self.now = now
         self.end = now + _SECOND
         self._spend: dict[tuple[Any, ...], aq.Spend] = {}
-        self._oldest: tuple[datetime | None] | None = None
 
     def spend(self, start: datetime, end: datetime, scope: Mapping[str, str]) -> aq.Spend:
+        """Cost and requests of ``[start, end)`` within ``scope``."""
         key = (start, end, tuple(sorted(scope.items())))
         found = self._spend.get(key)
         if found is None:
-            found = self._spend[key] = aq.spend(self.store, start, end, scope)
+            found = self._spend[key] = self.read_spend(start, end, scope)
         return found
 
     def burn(self, window_s: float, scope: Mapping[str, str]) -> Decimal:
@@ -185,10 +192,89 @@ class _Figures:
         cost = self.spend(self.now - timedelta(seconds=window_s), self.end, scope).cost
         return cost * 3600 / Decimal(window_s)
 
+    def read_spend(self, start: datetime, end: datetime, scope: Mapping[str, str]) -> aq.Spend:
+        """As :func:`tokentop.store.alert_queries.spend`."""
+        raise NotImplementedError
+
+    def has_usage_before(self, when: datetime, *, inclusive: bool = False) -> bool:
+        """Whether usage was recorded before ``when`` (at or before, ``inclusive``)."""
+        raise NotImplementedError
+
+    def source_health(self) -> list[SourceHealth]:
+        """Every source's health."""
+        raise NotImplementedError
+
+    def unpriced_tokens(
+        self, start: datetime, end: datetime, scope: Mapping[str, str]
+    ) -> dict[tuple[str, str], int]:
+        """As :func:`tokentop.store.alert_queries.unpriced_tokens`."""
+        raise NotImplementedError
+
+    def first_seen(
+        self, dimension: str, since: datetime, scope: Mapping[str, str]
+    ) -> dict[str, datetime]:
+        """As :func:`tokentop.store.alert_queries.first_seen`."""
+        raise NotImplementedError
+
+    def spend_by(
+        self, start: datetime, end: datetime, group: str, scope: Mapping[str, str]
+    ) -> dict[str, aq.Spend]:
+        """As :func:`tokentop.store.alert_queries.spend_by`."""
+        raise NotImplementedError
+
+    def has_gpu_data(self, since: datetime) -> bool:
+        """Whether any GPU sample is newer than ``since``."""
+        raise NotImplementedError
+
+    def gpu_idle_cost(self, start: datetime, end: datetime) -> Decimal:
+        """Cost of idle GPU time in ``[start, end)``."""
+        raise NotImplementedError
+
+
+class StoreFigures(Figures):
+    """The rules' figures from the database."""
+
+    def __init__(self, store: Store, now: datetime) -> None:
+        super().__init__(now)
+        self.store = store
+        self._oldest: tuple[datetime | None] | None = None
+
+    def read_spend(self, start: datetime, end: datetime, scope: Mapping[str, str]) -> aq.Spend:
+        return aq.spend(self.store, start, end, scope)
+
     def oldest(self) -> datetime | None:
+        """Start of the oldest usage bucket."""
         if self._oldest is None:
             self._oldest = (aq.oldest_usage(self.store),)
         return self._oldest[0]
+
+    def has_usage_before(self, when: datetime, *, inclusive: bool = False) -> bool:
+        oldest = self.oldest()
+        return oldest is not None and (oldest <= when if inclusive else oldest < when)
+
+    def source_health(self) -> list[SourceHealth]:
+        return source_health(self.store, self.now)
+
+    def unpriced_tokens(
+        self, start: datetime, end: datetime, scope: Mapping[str, str]
+    ) -> dict[tuple[str, str], int]:
+        return aq.unpriced_tokens(self.store, start, end, scope)
+
+    def first_seen(
+        self, dimension: str, since: datetime, scope: Mapping[str, str]
+    ) -> dict[str, datetime]:
+        return aq.first_seen(self.store, dimension, since, scope)
+
+    def spend_by(
+        self, start: datetime, end: datetime, group: str, scope: Mapping[str, str]
+    ) -> dict[str, aq.Spend]:
+        return aq.spend_by(self.store, start, end, group, scope)
+
+    def has_gpu_data(self, since: datetime) -> bool:
+        return aq.has_gpu_data(self.store, since)
+
+    def gpu_idle_cost(self, start: datetime, end: datetime) -> Decimal:
+        return aq.gpu_idle_cost(self.store, start, end)
 
 
 def usage_scope(rule: AlertRule) -> dict[str, str]:
@@ -200,7 +286,7 @@ def _period_word(period: str) -> str:
     return "today" if period == "day" else "this month"
 
 
-def _eval_budget(rule: AlertRule, fig: _Figures) -> RuleResult:
+def _eval_budget(rule: AlertRule, fig: Figures) -> RuleResult:
     assert rule.budget_usd is not None
     scope = usage_scope(rule)
     start, end = aq.period_start(fig.now, rule.period)
@@ -256,13 +342,12 @@ def _scope_text(scope: Mapping[str, str]) -> str:
     return ", ".join(f"{k} ~ {clean(v)!r}" for k, v in scope.items())
 
 
-def _eval_spike(rule: AlertRule, fig: _Figures) -> RuleResult:
+def _eval_spike(rule: AlertRule, fig: Figures) -> RuleResult:
     scope = usage_scope(rule)
     window = timedelta(seconds=rule.window_s)
     burn = fig.burn(rule.window_s, scope)
-    oldest = fig.oldest()
     hours = Decimal(rule.window_s) / 3600
-    weekly = oldest is not None and oldest <= fig.now - rule.weeks * _WEEK - window
+    weekly = fig.has_usage_before(fig.now - rule.weeks * _WEEK - window, inclusive=True)
     if weekly:
         costs = [
             fig.spend(fig.now - k * _WEEK - window, fig.now - k * _WEEK, scope).cost
@@ -296,7 +381,7 @@ def _eval_spike(rule: AlertRule, fig: _Figures) -> RuleResult:
     return RuleResult(rule, findings, summary, float(burn), perf)
 
 
-def _eval_runway(rule: AlertRule, fig: _Figures) -> RuleResult:
+def _eval_runway(rule: AlertRule, fig: Figures) -> RuleResult:
     assert rule.budget_usd is not None
     scope = usage_scope(rule)
     start, end = aq.period_start(fig.now, rule.period)
@@ -340,16 +425,19 @@ def _eval_runway(rule: AlertRule, fig: _Figures) -> RuleResult:
 
 
 def _eval_source_down(
-    rule: AlertRule, fig: _Figures, expected: Collection[str] | None, optional: Collection[str]
+    rule: AlertRule, fig: Figures, expected: Collection[str] | None, optional: Collection[str]
 ) -> RuleResult:
     found: list[Finding] = []
     checked = 0
-    for h in source_health(fig.store, fig.now):
+    for h in fig.source_health():
         if expected is not None and h.name not in expected:
             continue
         if rule.scope.source and rule.scope.source not in h.name:
             continue
-        if h.name in optional and h.state == "unavailable":
+        # A fleet's sources are named name@instance.
+        if (h.name in optional or h.name.partition("@")[0] in optional) and (
+            h.state == "unavailable"
+        ):
             continue
         checked += 1
         age = (fig.now - h.last_success).total_seconds() if h.last_success else None
@@ -386,10 +474,10 @@ def _eval_source_down(
     return RuleResult(rule, tuple(found), summary, float(len(found)), perf)
 
 
-def _eval_unpriced(rule: AlertRule, fig: _Figures) -> RuleResult:
+def _eval_unpriced(rule: AlertRule, fig: Figures) -> RuleResult:
     scope = usage_scope(rule)
     start = fig.now - timedelta(seconds=rule.window_s)
-    tokens = aq.unpriced_tokens(fig.store, start, fig.end, scope)
+    tokens = fig.unpriced_tokens(start, fig.end, scope)
     found = []
     for (provider, model), n in sorted(tokens.items()):
         if n < max(1, rule.min_tokens):
@@ -413,16 +501,15 @@ def _eval_unpriced(rule: AlertRule, fig: _Figures) -> RuleResult:
     )
 
 
-def _eval_new_model(rule: AlertRule, fig: _Figures) -> RuleResult:
+def _eval_new_model(rule: AlertRule, fig: Figures) -> RuleResult:
     scope = usage_scope(rule)
     since = fig.now - timedelta(seconds=rule.window_s)
-    oldest = fig.oldest()
     what = rule.dimension.replace("_", " ")
-    if oldest is None or oldest >= since:
+    if not fig.has_usage_before(since):
         # Everything is new in a database younger than the window: nothing to compare with.
         return RuleResult(rule, (), f"no history before the last {span(rule.window_s)}")
     found = []
-    for value, first in sorted(aq.first_seen(fig.store, rule.dimension, since, scope).items()):
+    for value, first in sorted(fig.first_seen(rule.dimension, since, scope).items()):
         if not value:
             continue
         name = clean(value)
@@ -448,13 +535,13 @@ def _eval_new_model(rule: AlertRule, fig: _Figures) -> RuleResult:
     )
 
 
-def _eval_cost_per_request(rule: AlertRule, fig: _Figures) -> RuleResult:
+def _eval_cost_per_request(rule: AlertRule, fig: Figures) -> RuleResult:
     scope = usage_scope(rule)
     window = timedelta(seconds=rule.window_s)
     cur_start, prev_start = fig.now - window, fig.now - 2 * window
     if rule.by:
-        current = aq.spend_by(fig.store, cur_start, fig.end, rule.by, scope)
-        previous = aq.spend_by(fig.store, prev_start, cur_start, rule.by, scope)
+        current = fig.spend_by(cur_start, fig.end, rule.by, scope)
+        previous = fig.spend_by(prev_start, cur_start, rule.by, scope)
     else:
         current = {"": fig.spend(cur_start, fig.end, scope)}
         previous = {"": fig.spend(prev_start, cur_start, scope)}
@@ -496,11 +583,11 @@ def _eval_cost_per_request(rule: AlertRule, fig: _Figures) -> RuleResult:
     )
 
 
-def _eval_gpu_idle(rule: AlertRule, fig: _Figures) -> RuleResult:
+def _eval_gpu_idle(rule: AlertRule, fig: Figures) -> RuleResult:
     start = fig.now - timedelta(seconds=rule.window_s)
-    if not aq.has_gpu_data(fig.store, start):
+    if not fig.has_gpu_data(start):
         return RuleResult(rule, (), f"no GPU samples in {span(rule.window_s)}")
-    idle = aq.gpu_idle_cost(fig.store, start, fig.end) * 3600 / Decimal(rule.window_s)
+    idle = fig.gpu_idle_cost(start, fig.end) * 3600 / Decimal(rule.window_s)
     summary = f"idle GPUs burn {usd(idle)}/h over {span(rule.window_s)}"
     findings: tuple[Finding, ...] = ()
     if idle > rule.usd_per_hour:
@@ -532,7 +619,20 @@ def evaluate(
         optional_sources: sources only tried (the NVML probe): their being unavailable is no
             outage.
     """
-    fig = _Figures(store, now.astimezone(UTC))
+    figures = StoreFigures(store, now.astimezone(UTC))
+    return evaluate_figures(figures, rules, sources=sources, optional_sources=optional_sources)
+
+
+def evaluate_figures(
+    fig: Figures,
+    rules: Iterable[AlertRule],
+    *,
+    sources: Collection[str] | None = None,
+    optional_sources: Collection[str] = (),
+) -> list[RuleResult]:
+    """Evaluate every rule on ``fig``'s figures, once (see :func:`evaluate`). A rule whose
+    figures its source cannot give is UNKNOWN, with the reason; a
+    :class:`~tokentop.collectors.base.SourceError` (the source failed) is raised."""
     results = []
     for rule in rules:
         try:
@@ -554,6 +654,10 @@ def evaluate(
                 result = _eval_gpu_idle(rule, fig)
             else:  # pragma: no cover - the config refuses other kinds
                 raise ValueError(f"unknown kind {rule.kind!r}")
+        except NotAvailable as exc:
+            result = RuleResult(rule, error=f"cannot evaluate: {exc}")
+        except SourceError:
+            raise  # the figures' source failed (a fleet's Prometheus): no rule can tell
         except Exception as exc:
             log.exception("evaluating alert %s failed", rule.name)
             result = RuleResult(rule, error=f"cannot evaluate: {type(exc).__name__}: {exc}")

@@ -22,7 +22,8 @@ import argparse
 import json
 import sys
 from collections.abc import Callable, Sequence
-from datetime import timedelta
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -125,22 +126,20 @@ class _Unknown(Exception):
     """The check cannot tell (no database, stale data, unreadable file)."""
 
 
-def _run_check(ctx: Any) -> tuple[int, str, dict[str, Any]]:
-    from tokentop.collectors.alerts import (
-        STATUS_NAMES,
-        Perf,
-        collector_sources,
-        evaluate,
-        finite,
-        span,
-        worst,
-    )
-    from tokentop.collectors.base import utcnow
-    from tokentop.collectors.sources import optional_sources
-    from tokentop.store import alert_queries as aq
-    from tokentop.store import alerts as alert_store
-    from tokentop.store.db import Store, StoreError
+@dataclass
+class _Checked:
+    """The rules evaluated once, from the database or a fleet, and what the line reports."""
 
+    now: datetime
+    results: list[Any]
+    today: Decimal
+    burn: Decimal
+    where: dict[str, Any]
+    """Where the figures came from (``database`` or ``prometheus``) and the newest poll."""
+    stored: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _rules(ctx: Any) -> list[Any]:
     config = ctx.config
     rules = list(config.alerts.rules)
     if ctx.args.rule is not None:
@@ -149,6 +148,26 @@ def _run_check(ctx: Any) -> tuple[int, str, dict[str, Any]]:
             names = ", ".join(r.name for r in rules) or "none configured"
             raise _Unknown(f"--rule: no rule {clean(ctx.args.rule)!r} (rules: {clean(names)})")
         rules = [rule]
+    return rules
+
+
+def _run_check(ctx: Any) -> tuple[int, str, dict[str, Any]]:
+    from tokentop.tui import cli_prometheus
+
+    rules = _rules(ctx)
+    url = cli_prometheus.prometheus_url(ctx)
+    checked = _check_fleet(ctx, rules, url) if url else _check_store(ctx, rules)
+    return _verdict(rules, checked)
+
+
+def _check_store(ctx: Any, rules: list[Any]) -> _Checked:
+    from tokentop.collectors.alerts import collector_sources, evaluate, finite, span
+    from tokentop.collectors.base import utcnow
+    from tokentop.collectors.sources import optional_sources
+    from tokentop.store import alert_queries as aq
+    from tokentop.store import alerts as alert_store
+    from tokentop.store.db import Store, StoreError
+
     if not ctx.db_path.exists():
         raise _Unknown(f"no database at {clean(ctx.db_path)} (is `tokentop collect` running?)")
     try:
@@ -175,7 +194,7 @@ def _run_check(ctx: Any) -> tuple[int, str, dict[str, Any]]:
             rules,
             now,
             sources=collector_sources(store),
-            optional_sources=optional_sources(config, ctx.args.demo),
+            optional_sources=optional_sources(ctx.config, ctx.args.demo),
         )
         day_start, _ = aq.period_start(now, "day")
         today = aq.spend(store, day_start, now + timedelta(seconds=1), {})
@@ -183,6 +202,78 @@ def _run_check(ctx: Any) -> tuple[int, str, dict[str, Any]]:
         stored = alert_store.states(store)
     finally:
         store.close()
+    return _Checked(
+        now=now,
+        results=results,
+        today=today.cost,
+        burn=burn,
+        where={"database": str(ctx.db_path), "newest_poll": latest.isoformat()},
+        stored=[
+            {
+                "rule": s.rule,
+                "key": s.key,
+                "state": s.state,
+                "severity": s.severity,
+                "value": finite(s.value),
+                "summary": clean(s.summary),
+                "active_since": s.active_since.isoformat(),
+                "fired_at": s.fired_at.isoformat() if s.fired_at else None,
+            }
+            for s in stored
+        ],
+    )
+
+
+def _check_fleet(ctx: Any, rules: list[Any], url: str) -> _Checked:
+    """The rules against a fleet's Prometheus (:mod:`tokentop.collectors.prom_check`). An
+    unreachable server or a failed query is UNKNOWN; so is a rule whose figures Prometheus
+    cannot give (the rule says why)."""
+    from tokentop.collectors.alerts import evaluate_figures, span
+    from tokentop.collectors.base import utcnow
+    from tokentop.collectors.prom_check import PromFigures
+    from tokentop.collectors.promql import PromError
+    from tokentop.collectors.sources import optional_sources
+    from tokentop.store import alert_queries as aq
+    from tokentop.tui import cli_prometheus
+
+    now = utcnow()
+    source = cli_prometheus.open_source(ctx, url)
+    try:
+        figures = PromFigures(source, now)
+        latest = figures.latest_poll()
+        if latest is None:
+            raise _Unknown(
+                f"no data: no tokentop source in the last hour via Prometheus {clean(url)}"
+            )
+        age = (now - latest).total_seconds()
+        if age > ctx.args.stale_after:
+            raise _Unknown(
+                f"fleet stale: the newest successful poll was {span(age)} ago"
+                f" (via Prometheus {clean(url)})"
+            )
+        results = evaluate_figures(
+            figures, rules, optional_sources=optional_sources(ctx.config, ctx.args.demo)
+        )
+        day_start, _ = aq.period_start(now, "day")
+        today = figures.spend(day_start, figures.end, {}).cost
+        burn = figures.burn(3600, {})
+    except PromError as exc:
+        raise _Unknown(f"Prometheus {clean(url)}: {clean(exc)}") from None
+    finally:
+        source.close()
+    return _Checked(
+        now=now,
+        results=results,
+        today=today,
+        burn=burn,
+        where={"prometheus": url, "newest_poll": latest.isoformat()},
+    )
+
+
+def _verdict(rules: list[Any], checked: _Checked) -> tuple[int, str, dict[str, Any]]:
+    from tokentop.collectors.alerts import STATUS_NAMES, Perf, finite, worst
+
+    results, today, burn = checked.results, checked.today, checked.burn
     code = worst(results)
     perf: list[Perf] = []
     labels: set[str] = set()
@@ -192,7 +283,7 @@ def _run_check(ctx: Any) -> tuple[int, str, dict[str, Any]]:
             labels.add(label)
             perf.append(Perf(label, p.value, p.warn, p.crit))
     if "today_usd" not in labels:
-        perf.insert(0, Perf("today_usd", f"{today.cost:.2f}"))
+        perf.insert(0, Perf("today_usd", f"{today:.2f}"))
     if "burn_usd_per_h" not in labels:
         perf.append(Perf("burn_usd_per_h", f"{burn:.2f}"))
     if code == 0:
@@ -202,16 +293,15 @@ def _run_check(ctx: Any) -> tuple[int, str, dict[str, Any]]:
             text = results[0].line
         else:
             text = f"{len(results)} rules, none firing"
-        text += f"; today {_usd(today.cost)}, burn {_usd(burn)}/h" if len(results) != 1 else ""
+        text += f"; today {_usd(today)}, burn {_usd(burn)}/h" if len(results) != 1 else ""
     else:
         # Critical first, then rules that could not be evaluated, then warnings.
         bad = sorted((r for r in results if r.code), key=lambda r: {2: 0, 3: 1}.get(r.code, 2))
         text = "; ".join(r.line for r in bad)
     line = clean(f"{STATUS_NAMES[code]} - {text} | {' '.join(p.render() for p in perf)}")
     data = {
-        "checked_at": now.isoformat(),
-        "database": str(ctx.db_path),
-        "newest_poll": latest.isoformat(),
+        "checked_at": checked.now.isoformat(),
+        **checked.where,
         "rules": [
             {
                 "name": r.rule.name,
@@ -234,19 +324,7 @@ def _run_check(ctx: Any) -> tuple[int, str, dict[str, Any]]:
             }
             for r in results
         ],
-        "stored": [
-            {
-                "rule": s.rule,
-                "key": s.key,
-                "state": s.state,
-                "severity": s.severity,
-                "value": finite(s.value),
-                "summary": clean(s.summary),
-                "active_since": s.active_since.isoformat(),
-                "fired_at": s.fired_at.isoformat() if s.fired_at else None,
-            }
-            for s in stored
-        ],
+        "stored": checked.stored,
     }
     return code, line, data
 
@@ -351,15 +429,27 @@ def _status(ctx: Any) -> int:
     fmt = ctx.args.format
     if fmt is not None and ctx.args.json:
         raise UsageError("status: --format and --json do not go together")
-    if not ctx.db_path.exists():
-        raise UsageError(f"no database at {ctx.db_path} (run `tokentop collect` first, or --db)")
-    import sqlite3
+    from tokentop.tui import cli_prometheus
 
-    try:
-        figures = read_status(ctx.db_path, utcnow())
-    except sqlite3.Error as exc:
-        print(f"tokentop: error: cannot read {clean(ctx.db_path)}: {clean(exc)}", file=sys.stderr)
-        return FAILURE
+    url = cli_prometheus.prometheus_url(ctx)
+    if url:
+        figures = cli_prometheus.fleet_status(ctx, url)
+        if isinstance(figures, str):  # the fleet cannot be read: the line says so, never $0
+            print(json.dumps({"error": figures, "prometheus": url}) if ctx.args.json else figures)
+            return FAILURE
+    elif not ctx.db_path.exists():
+        raise UsageError(f"no database at {ctx.db_path} (run `tokentop collect` first, or --db)")
+    else:
+        import sqlite3
+
+        try:
+            figures = read_status(ctx.db_path, utcnow())
+        except sqlite3.Error as exc:
+            print(
+                f"tokentop: error: cannot read {clean(ctx.db_path)}: {clean(exc)}",
+                file=sys.stderr,
+            )
+            return FAILURE
     fields = status_fields(
         figures, ctx.config.budget_daily_usd, ctx.config.budget_monthly_usd, ctx.args.stale_after
     )

@@ -6,6 +6,8 @@
     tokentop proxy --metrics-port 9465                                # /metrics of the meter
     tokentop report --prometheus http://prometheus:9090 --since 1h [--json]
     tokentop export --prometheus URL --format json|csv|md
+    tokentop status --prometheus URL                                  # the fleet's status line
+    tokentop check --prometheus URL                                   # the rules, on the fleet
     tokentop --prometheus URL                                         # the TUI over the fleet
 
 ``--prometheus`` (or ``[prometheus] url`` in the config) reads the fleet through Prometheus'
@@ -52,7 +54,7 @@ def add_prometheus_option(parser: argparse.ArgumentParser, **extra: Any) -> None
         "--prometheus",
         metavar="URL",
         help="read from this Prometheus (its HTTP query API) instead of the database;"
-        " TUI, report, export, sources",
+        " TUI, report, export, sources, status, check",
         **extra,
     )
 
@@ -110,7 +112,9 @@ def prometheus_url(ctx: Any) -> str:
         raise _usage_error(str(exc)) from None
 
 
-def _source(ctx: Any, url: str) -> Any:
+def open_source(ctx: Any, url: str) -> Any:
+    """A :class:`~tokentop.collectors.promsource.PromSource` on ``url`` with the config's
+    timeout, GPU rates and GPU metrics (the caller closes it)."""
     from tokentop.collectors.promql import PromClient
     from tokentop.collectors.promsource import PromSource
 
@@ -122,13 +126,30 @@ def _source(ctx: Any, url: str) -> Any:
     )
 
 
+def fleet_status(ctx: Any, url: str) -> Any:
+    """``tokentop status --prometheus URL``: the fleet's status figures
+    (:class:`~tokentop.store.status.StatusFigures`), or the line that says why there are none
+    (the server is unreachable or a query failed: a source error, never $0)."""
+    from tokentop.collectors.base import utcnow
+    from tokentop.collectors.prom_check import fleet_status as read
+    from tokentop.collectors.promql import PromError
+
+    source = open_source(ctx, url)
+    try:
+        return read(source, utcnow())
+    except PromError as exc:
+        return clean(f"Prometheus error: {url}: {exc}")
+    finally:
+        source.close()
+
+
 def tui(ctx: Any) -> int:
     """``tokentop --prometheus URL``: the panes over the fleet; nothing is collected here."""
     from tokentop.tui.app import TokentopApp
     from tokentop.tui.snapshot_prometheus import build_prometheus_snapshot, via
 
     url = prometheus_url(ctx)
-    source = _source(ctx, url)
+    source = open_source(ctx, url)
     app = TokentopApp(
         ctx.db_path,
         config=ctx.config,
@@ -156,7 +177,7 @@ def build_report(ctx: Any, since: str) -> dict[str, Any]:
     url = prometheus_url(ctx)
     now = utcnow()
     start = parse_since(since, now)
-    source = _source(ctx, url)
+    source = open_source(ctx, url)
     rates = [
         {
             "match": r.match,
@@ -185,7 +206,7 @@ def sources(ctx: Any) -> int:
 
     url = prometheus_url(ctx)
     now = utcnow()
-    source = _source(ctx, url)
+    source = open_source(ctx, url)
     try:
         health = source.sources(now)
     except PromError as exc:
@@ -231,7 +252,7 @@ def _svg(ctx: Any) -> str:
     url = prometheus_url(ctx)
     now = utcnow()
     span = now - parse_since(ctx.args.since, now)
-    source = _source(ctx, url)
+    source = open_source(ctx, url)
     try:
         source.client.query("vector(1)", now)  # reachable, or a source error (exit 1)
         app = TokentopApp(
