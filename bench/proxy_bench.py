@@ -9,10 +9,15 @@ same run:
    latency is proxy minus direct. Two kinds: a JSON chat completion, and an SSE stream (11
    chunks, with the final usage chunk) timed to its last byte.
 2. **Throughput**: ``--concurrency`` keep-alive connections sending JSON chat completions for
-   ``--seconds``, directly and then through the proxy; requests per second, and the proxy
-   process's CPU time per request.
+   ``--seconds``, directly and then through the proxy; requests per second, and the CPU time
+   per request of the proxy's threads (its event loop, the recorder that parses, prices and
+   writes) and of the upstream. The load generator, the upstream and the proxy share this
+   machine's CPUs, so on a small machine the rates say more about the machine than the proxy:
+   the proxy's own ceiling is printed as ``1 / its CPU per request``, the rate its threads (one
+   GIL) could reach with a core to themselves.
 
-Then checks that the proxy recorded every request it metered. Prints figures and ratios.
+Then checks that the proxy recorded every request it metered. Prints figures, ratios and the
+load average (other processes on the machine skew every figure).
 
 Usage::
 
@@ -167,6 +172,25 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def thread_cpu_seconds(pid: int) -> dict[str, float]:
+    """CPU seconds of the main thread of ``pid`` (the proxy's event loop) and of its other
+    threads together (the recorder, and the estimator when a response has no usage)."""
+    out: dict[str, float] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        name = "event loop" if task.name == str(pid) else "recorder"
+        seconds = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        out[name] = out.get(name, 0.0) + seconds
+    return out
+
+
+def load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 def pct(samples: list[float], p: float) -> float:
     ordered = sorted(samples)
     return ordered[min(len(ordered) - 1, max(0, round(p / 100 * len(ordered)) - 1))]
@@ -206,6 +230,7 @@ def main() -> None:
     sent = 0
     try:
         print(f"CPUs: {os.cpu_count()}  Python {sys.version.split()[0]}  loopback")
+        print(f"load average at start: {load()}")
         ports = {"direct": up_port, "proxy": px_port}
         for kind, body in (("JSON chat completion", CHAT), ("SSE stream (11 chunks)", STREAM)):
             res = latency(ports, body, args.requests)
@@ -223,17 +248,34 @@ def main() -> None:
             )
 
         print(f"\nthroughput: {args.concurrency} keep-alive connections, {args.seconds:g} s each")
+        up0 = cpu_seconds(upstream.pid)
         direct = asyncio.run(throughput(up_port, args.concurrency, args.seconds))
-        cpu0 = cpu_seconds(proxy.pid)
+        up1 = cpu_seconds(upstream.pid)
+        cpu0, threads0 = cpu_seconds(proxy.pid), thread_cpu_seconds(proxy.pid)
         via = asyncio.run(throughput(px_port, args.concurrency, args.seconds))
         sent += via
-        cpu1 = cpu_seconds(proxy.pid)
+        cpu1, threads1 = cpu_seconds(proxy.pid), thread_cpu_seconds(proxy.pid)
         rd, rp = direct / args.seconds, via / args.seconds
         print(f"  direct          {rd:8.0f} req/s")
         print(f"  through proxy   {rp:8.0f} req/s   (ratio {rp / rd:.2f}x)")
         print(
             f"  proxy CPU       {(cpu1 - cpu0) / via * 1e6:8.0f} us per request (recorder included)"
         )
+        per = {
+            name: (threads1[name] - threads0.get(name, 0.0)) / via * 1e6
+            for name in threads1
+            if threads1[name] - threads0.get(name, 0.0) > 0
+        }
+        for name, us in sorted(per.items(), key=lambda kv: -kv[1]):
+            print(f"    {name:<13} {us:8.0f} us per request")
+        print(f"  upstream CPU    {(up1 - up0) / direct * 1e6:8.0f} us per request (direct run)")
+        bound = sum(per.values())
+        if bound:
+            print(
+                f"  proxy ceiling   {1e6 / bound:8.0f} req/s   (1 / its CPU per request: what its"
+                " threads, one GIL, reach on a core of their own)"
+            )
+        print(f"load average at end: {load()}")
     finally:
         proxy.send_signal(signal.SIGINT)
         try:
