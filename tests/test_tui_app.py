@@ -47,7 +47,8 @@ def make_app(tmp_path: Path, **kwargs: object) -> TokentopApp:
 
 
 def text_of(app: TokentopApp, selector: str) -> str:
-    return str(app.query_one(selector, Static).render())
+    """The text a ``Static`` (or the panes' ``Lines``) shows."""
+    return str(app.query_one(selector).render())
 
 
 def cost_keys(app: TokentopApp) -> list[str]:

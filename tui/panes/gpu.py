@@ -15,6 +15,7 @@ from tokentop.tui import format as fmt
 from tokentop.tui.columns import Column, fit_columns
 from tokentop.tui.panes.base import Pane, flow
 from tokentop.tui.snapshot import SELF_HOSTED_KINDS, Snapshot
+from tokentop.tui.widgets.lines import Lines
 from tokentop.tui.widgets.quiet import update_static
 
 DEVICE_COLUMNS = (("util", "util"), ("power", "power"), ("usd_h", "$/h"), ("idle_h", "idle/h"))
@@ -75,7 +76,7 @@ class GpuPane(Pane):
     TITLE = "GPU"
 
     def compose_body(self) -> Iterable[Widget]:
-        yield Static("", id="gpu-lines")
+        yield Lines(id="gpu-lines")
         yield Sparkline((), id="gpu-spark")
         yield Static("", id="gpu-caption")
 
@@ -164,7 +165,7 @@ class GpuPane(Pane):
                 ],
                 width,
             )
-        update_static(self.query_one("#gpu-lines", Static), Content("\n").join(lines))
+        self.query_one("#gpu-lines", Lines).set_lines(lines)
         # Whole steps only: the newest one is still filling (a partial minute's $/inference is
         # noise), and leaving it out keeps the trend from repainting every second.
         points = [float(v) for v in snapshot.gpu_series[:-1] if v is not None]

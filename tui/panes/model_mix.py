@@ -15,6 +15,7 @@ from tokentop.store.text import clean
 from tokentop.tui import format as fmt
 from tokentop.tui.panes.base import Pane
 from tokentop.tui.snapshot import USAGE_KINDS, Snapshot
+from tokentop.tui.widgets.lines import Lines
 from tokentop.tui.widgets.quiet import update_static
 
 PCT = 5
@@ -30,7 +31,7 @@ class ModelMixPane(Pane):
     TITLE = "Model mix"
 
     def compose_body(self) -> Iterable[Widget]:
-        yield Static("", id="mix-lines")
+        yield Lines(id="mix-lines")
         # Its own line: the total changes with every request, the shares far less often.
         yield Static("", id="mix-total")
 
@@ -53,12 +54,12 @@ class ModelMixPane(Pane):
                 f" model{'s' if models != 1 else ''} · {snapshot.request.window}",
             )
         )
-        lines_widget = self.query_one("#mix-lines", Static)
+        lines_widget = self.query_one("#mix-lines", Lines)
         total_widget = self.query_one("#mix-total", Static)
         total_widget.display = bool(rows)
         if not rows:
             empty = snapshot.usage_loading or "no usage in this window"
-            update_static(lines_widget, Content.styled(empty, muted))
+            lines_widget.set_lines([Content.styled(empty, muted)])
             return
         width = self.inner_width
         total = sum(r.cost for r in rows)
@@ -84,7 +85,7 @@ class ModelMixPane(Pane):
             lines.append(
                 self._line(fmt.fit(name, name_w), name_w, bar_w, r, muted if r.others else "")
             )
-        update_static(lines_widget, Content("\n").join(lines))
+        lines_widget.set_lines(lines)
         update_static(
             total_widget,
             Content.assemble(

@@ -14,6 +14,7 @@ from tokentop.tui import format as fmt
 from tokentop.tui.panes.base import Pane
 from tokentop.tui.snapshot import USAGE_KINDS, Snapshot
 from tokentop.tui.widgets.chart import TimeChart
+from tokentop.tui.widgets.lines import Lines
 from tokentop.tui.widgets.quiet import update_static
 
 LABEL = 9
@@ -81,7 +82,7 @@ class SpendPane(Pane):
     TITLE = "Spend"
 
     def compose_body(self) -> Iterable[Widget]:
-        yield Static("", id="spend-figures")
+        yield Lines(id="spend-figures")
         yield TimeChart(id="spend-chart")
         yield Static("", id="spend-caption")
 
@@ -225,7 +226,7 @@ class SpendPane(Pane):
             keep = sorted(range(len(lines)), key=lambda i: (ranks[i], i))[: max(room, 3)]
             hidden = len(lines) - len(keep)
             lines = [lines[i] for i in sorted(keep)]
-        update_static(self.query_one("#spend-figures", Static), Content("\n").join(lines))
+        self.query_one("#spend-figures", Lines).set_lines(lines)
         chart = self.query_one(TimeChart)
         chart.data = tuple(float(v) for v in snapshot.series)
         peak = max(snapshot.series, default=Decimal(0))
