@@ -42,6 +42,10 @@ class UsageError(Exception):
     """A bad flag or value; printed as one line, exit code 2."""
 
 
+class Failure(Exception):
+    """A runtime failure; printed as one line, exit code 1."""
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         raise UsageError(message)
@@ -386,6 +390,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return handler(ctx)
     except (UsageError, ConfigError) as exc:
         return _usage_error(exc, argv)
+    except Failure as exc:
+        print(f"tokentop: error: {clean(exc)}", file=sys.stderr)
+        return FAILURE
     except BrokenPipeError:
         # The reader went away (``| head``): say so once; nothing more can be written there.
         _silence_stdout()
@@ -682,9 +689,9 @@ def _build_report(ctx: _Context, since: str) -> dict[str, Any]:
         }
         for r in ctx.config.gpu_rates
     ]
-    prices = PriceBook(ctx.config.pricing).describe()
     store = _open_store(ctx, must_exist=True, readonly=True)
     try:
+        prices = PriceBook(ctx.config.pricing).describe()
         # One read transaction: a write landing between two of the report's queries cannot
         # make a total differ from the sum of its rows.
         with store.read_snapshot():
@@ -759,7 +766,10 @@ def _export_svg(ctx: _Context) -> str:
     app.group = ctx.args.group_by
     if ctx.args.sort:
         app.sort = ctx.args.sort
-    return str(app.render_svg(size=(160, 48)))
+    svg = str(app.render_svg(size=(160, 48)))
+    if app.refresh_error:  # a picture of an error is no snapshot
+        raise Failure(f"{ctx.db_path}: {app.refresh_error}")
+    return svg
 
 
 def _price(ctx: _Context) -> int:
