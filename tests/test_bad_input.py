@@ -399,3 +399,29 @@ def test_store_readonly_refuses_what_is_no_tokentop_database(tmp_path: Path) -> 
         Store(tmp_path)
     with pytest.raises(StoreError, match="/etc/passwd is not a folder"):
         Store("/etc/passwd/x.db")
+
+
+def test_the_tui_names_a_bad_db_before_it_starts(tmp_path: Path) -> None:
+    missing = tmp_path / "none.db"
+    assert_one_line(run("--watch-only", "--db", str(missing)), (2,), str(missing))
+    assert not missing.exists()
+    folder = _mkdir(tmp_path / "folder.db")
+    assert_one_line(run("--db", str(folder)), (2,), str(folder))
+
+
+async def test_a_watch_only_viewer_reads_without_writing(tmp_path: Path, demo_db: Path) -> None:
+    from tokentop.tui.app import TokentopApp
+
+    path = tmp_path / "tokentop.db"
+    shutil.copyfile(demo_db, path)
+    before = hashlib.sha256(path.read_bytes()).hexdigest()
+    app = TokentopApp(path, watch_only=True, readonly=True, clock=lambda: NOW)
+    async with app.run_test(size=(160, 48)) as pilot:
+        await pilot.pause()
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        assert app.refresh_count >= 1 and not app.refresh_error
+        assert app.store is not None and app.store.readonly
+        with pytest.raises(sqlite3.OperationalError, match="readonly"):
+            app.store.set_meta("label", "x")
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == before
