@@ -491,10 +491,11 @@ class PromSource:
         increase itself.
         """
         metered = USAGE_METRICS[:-1] + ', metered="true"}'
+        # Series without a provider have no value to list: asked apart, at the same time.
+        bare = metered[:-1] + ', provider=""}'
+        unnamed = self._pool.submit(self.client.label_values, "metered", bare, start, end)
         providers = self.client.label_values("provider", metered, start, end)
-        # Series without a provider have no value to list: asked apart (they are rare).
-        unnamed = self.client.label_values("metered", metered[:-1] + ', provider=""}', start, end)
-        return tuple(sorted({*providers, *([""] if unnamed else [])}))
+        return tuple(sorted({*providers, *([""] if unnamed.result() else [])}))
 
     # Usage.
 
@@ -863,10 +864,8 @@ class PromSource:
                 now,
             ),
             "src.interval": (f"last_over_time(tokentop_source_interval_seconds{hour})", now),
-            "src.targets": (
-                f"up == 0 and on (instance, job) last_over_time({SOURCE_UP}{hour})",
-                now,
-            ),
+            # Targets Prometheus cannot scrape (their sources are matched by instance).
+            "src.targets": ("up == 0", now),
             **self.freshness_queries(now),
         }
 
@@ -946,8 +945,11 @@ class PromSource:
         }
         # The four gauges in one query (the newest sample within the 5-minute lookback).
         names = "|".join(_OWN_GAUGES)
-        q["gpu.gauges"] = (f'{{__name__=~"tokentop_gpu_({names})"}}', end)
-        q["gpu.seen"] = ("timestamp(tokentop_gpu_power_watts)", end)
+        # Only the labels the pane keys them by: a smaller answer to read.
+        key = "instance, source, gpu"
+        gauges = f'{{__name__=~"tokentop_gpu_({names})"}}'
+        q["gpu.gauges"] = (f"max by (__name__, {key}) ({gauges})", end)
+        q["gpu.seen"] = (f"max by ({key}) (timestamp(tokentop_gpu_power_watts))", end)
         return q
 
     def external_gpu_queries(self, start: datetime, end: datetime) -> dict[str, Query]:
@@ -1246,6 +1248,7 @@ def _iso(value: datetime | None) -> str | None:
 
 NOT_AVAILABLE = (
     "billed_usd",
+    "billed_days_covered",
     "by_provider",
     "not_billed_yet",
     "billed_days",

@@ -12,7 +12,7 @@ import io
 import json
 import shlex
 from collections.abc import Iterable, Sequence
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -151,6 +151,22 @@ def build_report(
     )
 
 
+def _days_touched(window: dict[str, str]) -> dict[str, str]:
+    """The first and last UTC day a window (ISO ``start``, exclusive ``end``) touches."""
+    start = datetime.fromisoformat(window["start"]).astimezone(UTC)
+    end = datetime.fromisoformat(window["end"]).astimezone(UTC) - timedelta(microseconds=1)
+    return {"from": start.date().isoformat(), "to": max(start, end).date().isoformat()}
+
+
+def _billed_note(report: dict[str, Any]) -> list[str]:
+    """Under the totals: which days the billed figure covers, when it is not the window."""
+    days = report.get("billed_days_covered")
+    if not days:
+        return []
+    span = days["from"] if days["from"] == days["to"] else f"{days['from']} to {days['to']}"
+    return [f"- Billed: whole UTC days {span} (providers bill per day), not only the window", ""]
+
+
 def assemble_report(
     head: dict[str, Any],
     *,
@@ -205,6 +221,8 @@ def assemble_report(
         **head,
         "total_usd": usd(totals.cost),
         "billed_usd": usd(billed),
+        # Providers bill whole UTC days: the billed figure covers every day the window touches.
+        "billed_days_covered": None if billed is None else _days_touched(head["window"]),
         "requests": totals.requests,
         "cost_per_request_usd": usd(totals.cost_per_request),
         # $/request is the priced cost over the priced requests of the same rows.
@@ -437,7 +455,13 @@ def _csv(report: dict[str, Any]) -> str:
         f"# window: {report['window']['start']} .. {report['window']['end']}",
         *_view_comments(report),
         f"# total_usd: {report['total_usd']}",
-        f"# billed_usd: {report['billed_usd']}",
+        f"# billed_usd: {report['billed_usd']}"
+        + (
+            f" (whole UTC days {report['billed_days_covered']['from']}"
+            f" to {report['billed_days_covered']['to']})"
+            if report.get("billed_days_covered")
+            else ""
+        ),
         f"# requests: {report['requests']}",
         f"# cost_per_request_usd: {report['cost_per_request_usd']}",
         f"# gpu_cost_usd: {report['gpu']['cost_usd']}",
@@ -558,6 +582,7 @@ def _markdown(report: dict[str, Any]) -> str:
         f" {_money(report['gpu']['cost_usd'])} |"
         f" {_money(report['gpu']['cost_per_inference_usd'])} |",
         "",
+        *_billed_note(report),
         *_sources_of_totals(report),
         "## By model",
         "",

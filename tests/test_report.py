@@ -168,6 +168,8 @@ def test_report_contract_fields_and_values(filled: Store) -> None:
     assert r["window"] == {"start": START.isoformat(), "end": END.isoformat()}
     assert r["total_usd"] == 0.02
     assert r["billed_usd"] == 0.025
+    # The bill is a whole UTC day's: the report says which days it covers.
+    assert r["billed_days_covered"] == {"from": "2025-03-15", "to": "2025-03-15"}
     assert r["requests"] == 8
     assert r["cost_per_request_usd"] == 0.005  # $0.02 over the 4 priced requests
     assert r["by_model"] == [
@@ -239,6 +241,7 @@ def test_report_of_an_empty_store(store: Store) -> None:
     r = _report(store)
     assert r["total_usd"] == 0.0
     assert r["billed_usd"] is None
+    assert r["billed_days_covered"] is None
     assert r["requests"] == 0
     assert r["cost_per_request_usd"] is None
     assert r["by_model"] == []
@@ -273,7 +276,7 @@ def test_csv_is_self_describing(filled: Store) -> None:
     assert "DEMO" not in header
     assert f"# window: {START.isoformat()} .. {END.isoformat()}" in comments
     assert "# total_usd: 0.02" in comments
-    assert "# billed_usd: 0.025" in comments
+    assert "# billed_usd: 0.025 (whole UTC days 2025-03-15 to 2025-03-15)" in comments
     assert "# requests: 8" in comments
     assert "# cost_per_request_usd: 0.005" in comments
     assert "# gpu_cost_usd: 0.05" in comments
