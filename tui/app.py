@@ -364,6 +364,7 @@ class TokentopApp(App[None]):
         self._last_build: tuple[Any, float, Snapshot] | None = None
         """(what it was made from, when, the snapshot) of the last full query."""
         self._pane_list: list[Pane] = []
+        self._alert_strip: AlertStrip | None = None
         self._room_changed = False
         """A table's room changed while a refresh was under way: check again once it is shown."""
         self._exporting = False
@@ -390,7 +391,8 @@ class TokentopApp(App[None]):
     def compose(self) -> ComposeResult:
         yield TopBar()
         yield PaneBar(id="pane-bar")
-        yield AlertStrip(self._read_alerts, self.clock, interval_s=self.refresh_s)
+        # No timer of its own: each refresh reads the alerts too (see _refresh).
+        yield AlertStrip(self._read_alerts, self.clock, interval_s=None)
         with Container(id="panes"):
             yield SpendPane(stale_after=self.usage_stale_s)
             yield CostPerQueryPane(stale_after=self.usage_stale_s)
@@ -426,6 +428,7 @@ class TokentopApp(App[None]):
     def on_mount(self) -> None:
         if self.runner is not None:
             self._start_runner(self.runner)
+        self._alert_strip = self.query_one(AlertStrip)  # before a refresh worker feeds it
         self._panes_ready = True
         self.screen.set_class(self.paused, "-paused")
         for pane in self.panes:
@@ -706,6 +709,8 @@ class TokentopApp(App[None]):
         for pane in self.panes:
             if pane.display:
                 pane.tick(now)
+        if not self.refreshing():
+            self.alert_strip.poll()  # alerts stay live while the panes are paused
 
     def request_refresh(self) -> None:
         """Start a refresh now with the current window, filter and grouping.
@@ -748,6 +753,16 @@ class TokentopApp(App[None]):
             snapshot = self._build(self.open_store(), request, reuse)
         if not get_current_worker().is_cancelled:
             self.post_message(SnapshotReady(snapshot))
+            # The alert strip's read, in this worker: one thread hop a second, not two.
+            strip = self.alert_strip
+            strip.feed(strip.read_now())
+
+    @property
+    def alert_strip(self) -> AlertStrip:
+        """The strip of firing alerts (on the main screen, whatever screen is on top)."""
+        if self._alert_strip is None:
+            self._alert_strip = self.screen_stack[0].query_one(AlertStrip)
+        return self._alert_strip
 
     def _build(self, store: Store, request: RefreshRequest, reuse: bool) -> Snapshot:
         """The snapshot of ``request``; with ``reuse``, the last one moved to the new time when
@@ -1032,7 +1047,7 @@ class TokentopApp(App[None]):
         """Open the alert list (with history); ``enter`` there acknowledges, in this TUI only."""
         if isinstance(self.screen, AlertsScreen):
             return
-        strip = self.screen_stack[0].query_one(AlertStrip)
+        strip = self.alert_strip
         strip.poll()
         self.push_screen(AlertsScreen(strip, self._read_alert_history, self.clock))
 

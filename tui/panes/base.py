@@ -43,6 +43,8 @@ class Pane(Vertical):
         self.snapshot: Snapshot | None = None
         """The snapshot on show (``None`` until the first refresh that included this pane)."""
         self._shown_size = (0, 0)
+        self._badge: FreshnessBadge | None = None
+        self._info: Static | None = None
 
     @property
     def focus_target(self) -> Widget:
@@ -106,12 +108,16 @@ class Pane(Vertical):
 
     @property
     def badge(self) -> FreshnessBadge:
-        """This pane's freshness badge."""
-        return self.query_one(FreshnessBadge)
+        """This pane's freshness badge (found once: every refresh asks for it)."""
+        if self._badge is None:
+            self._badge = self.query_one(FreshnessBadge)
+        return self._badge
 
     def set_info(self, content: Content | str) -> None:
         """Text on the left of the header line."""
-        update_static(self.query_one(".pane-info", Static), content)
+        if self._info is None:
+            self._info = self.query_one(".pane-info", Static)
+        update_static(self._info, content)
 
     def apply(self, snapshot: Snapshot) -> None:
         """Show ``snapshot``."""

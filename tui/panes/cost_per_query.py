@@ -61,6 +61,7 @@ class CostPerQueryPane(Pane):
     def __init__(self, *, stale_after: float = 300.0) -> None:
         super().__init__(stale_after=stale_after)
         self.group = "model"
+        self._table: ThemedTable | None = None
         self.sort: tuple[str, bool] = DEFAULT_SORT
         """(column key, descending) of the rows."""
         self._layout: tuple[str, tuple[str, bool], Fitted] | None = None
@@ -80,7 +81,9 @@ class CostPerQueryPane(Pane):
     @property
     def table(self) -> ThemedTable:
         """The table of groups."""
-        return self.query_one("#cost-table", ThemedTable)
+        if self._table is None:
+            self._table = self.query_one("#cost-table", ThemedTable)
+        return self._table
 
     @property
     def row_keys(self) -> list[str]:

@@ -82,6 +82,7 @@ class SourcesPane(Pane):
     def __init__(self, *, stale_after: float = 300.0) -> None:
         super().__init__(stale_after=stale_after, empty_text="no sources")
         self.cpu = CpuMeter()
+        self._table: ThemedTable | None = None
         self._layout: tuple[tuple[str, int], ...] = ()
         self.sort: tuple[str, bool] = ("state", False)
         """(column key, descending); by state: failing first."""
@@ -138,7 +139,9 @@ class SourcesPane(Pane):
     @property
     def table(self) -> ThemedTable:
         """The table of sources."""
-        return self.query_one("#sources-table", ThemedTable)
+        if self._table is None:
+            self._table = self.query_one("#sources-table", ThemedTable)
+        return self._table
 
     def _sorted(self, rows: list[SourceHealth], now: datetime) -> list[SourceHealth]:
         def role(s: SourceHealth) -> str:

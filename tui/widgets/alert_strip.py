@@ -1,8 +1,9 @@
 """The strip of firing alerts under the top bar, in the error colour; hidden when none fire.
 
 The collector (``tokentop collect``, or this app's own runner) evaluates the rules and keeps
-their state in the database; the strip reads that state on its own timer, in a thread worker,
-so it shows the same alerts whether this process collects or watches. Acknowledging an alert
+their state in the database; the strip reads that state in a thread worker, on its own timer or
+fed by the app's refresh (one worker a second instead of two), so it shows the same alerts
+whether this process collects or watches. Acknowledging an alert
 hides it here only (Alertmanager's silences stay Alertmanager's); a new firing of the same
 rule shows again.
 """
@@ -51,7 +52,8 @@ class AlertStrip(Static):
     Args:
         read: returns every alert state (blocking; called in a thread worker).
         clock: the app's clock, for "firing 12m".
-        interval_s: seconds between reads.
+        interval_s: seconds between reads; ``None``: no timer of its own, the app reads the
+            states in its refresh worker (:meth:`read_now`) and hands them over (:meth:`feed`).
         stale_after_s: an alert the collector has not re-evaluated for this long is shown with
             its age ("as of 12m ago"): the collector may have stopped.
     """
@@ -78,7 +80,7 @@ class AlertStrip(Static):
         read: Callable[[], Sequence[AlertState]],
         clock: Callable[[], datetime],
         *,
-        interval_s: float = 1.0,
+        interval_s: float | None = 1.0,
         stale_after_s: float = 300.0,
         id: str | None = "alert-strip",
     ) -> None:
@@ -101,19 +103,28 @@ class AlertStrip(Static):
         return [s for s in self.firing if ack_key(s) not in self.acked]
 
     def on_mount(self) -> None:
-        self.set_interval(self.interval_s, self.poll, name="alerts")
+        if self.interval_s:
+            self.set_interval(self.interval_s, self.poll, name="alerts")
         self.poll()
 
     def poll(self) -> None:
         """Read the states now (in a worker)."""
         self._poll()
 
+    def read_now(self) -> tuple[AlertState, ...] | None:
+        """Read the states (blocking: call it from a thread); ``None`` when the read failed."""
+        try:
+            return tuple(self._read())
+        except Exception:
+            return None  # a busy database: the next read tries again
+
+    def feed(self, states: tuple[AlertState, ...] | None) -> None:
+        """Show states read elsewhere (thread-safe), as if this strip had read them."""
+        self.post_message(AlertsRead(states))
+
     @work(thread=True, exclusive=True, group="alerts", exit_on_error=False)
     def _poll(self) -> None:
-        try:
-            states: tuple[AlertState, ...] | None = tuple(self._read())
-        except Exception:
-            states = None  # a busy database: the next read tries again
+        states = self.read_now()
         if not get_current_worker().is_cancelled:
             self.post_message(AlertsRead(states))
 
