@@ -40,6 +40,8 @@ REFRESH_MIN_S = 0.1
 """The shortest refresh of the TUI's panes."""
 PUE_MAX = Decimal(3)
 """A power usage effectiveness above this is a typo (real data centres are 1.1 to 2)."""
+RETENTION_DAYS_MAX = 36500.0
+"""The longest retention horizon, a century (its dates stay in range)."""
 AMOUNT_MAX = Decimal(10**9)
 """The largest amount (dollars, a price, a budget) the config accepts: far above any real one,
 and it keeps the exact arithmetic on it in range."""
@@ -524,6 +526,11 @@ def _retention(raw: Any, where: str) -> Retention:
     hours = _positive(raw, "hours_days", where, default.hours_days, "retention.")
     if minutes < 1:
         raise ConfigError(f"{where}: retention.minutes_days must be at least 1, got {minutes!r}")
+    for key, days in (("minutes_days", minutes), ("hours_days", hours)):
+        if days > RETENTION_DAYS_MAX:
+            raise ConfigError(
+                f"{where}: retention.{key} must be at most {RETENTION_DAYS_MAX:g}, got {raw[key]!r}"
+            )
     if hours < minutes:
         raise ConfigError(
             f"{where}: retention.hours_days must be at least retention.minutes_days"

@@ -273,6 +273,8 @@ BAD_VALUES: list[tuple[tuple[str, ...], tuple[str, ...]]] = [
     (("price", "gpt-4o", "--input", "1", "--at", "9999-12-31T23:59:59-05:00"), ("--at",)),
     (("collect", "--demo", "--once", "--interval", "0.01"), ("--interval", "'0.01'")),
     (("collect", "--demo", "--once", "--interval", "nan"), ("--interval", "'nan'")),
+    (("db", "compact", "--minutes-days", "99999999999"), ("--minutes-days", "'99999999999'")),
+    (("db", "compact", "--hours-days", "1e12"), ("--hours-days", "'1e12'")),
 ]
 
 

@@ -309,6 +309,7 @@ BAD: list[tuple[str, str]] = [
     ("[[pricing.tier]]\ntier = 'flex'\nshare_of_list = -0.5", "share_of_list must be a non-neg"),
     ("[openai]\nmax_response_mb = 0", "openai.max_response_mb must be a positive number, got 0"),
     ("[anthropic]\nmax_response_mb = 1e6", "anthropic.max_response_mb must be from 0.01 to 4096"),
+    ("[retention]\nhours_days = 1e12", "retention.hours_days must be at most 36500, got 1000000"),
 ]
 
 

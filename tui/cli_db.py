@@ -55,12 +55,16 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
 
 
 def _days(value: str) -> float:
+    from tokentop.collectors.config import RETENTION_DAYS_MAX
+
     try:
         days = float(value)
     except ValueError:
         days = -1.0
-    if not days >= 1:  # also refuses nan
-        raise argparse.ArgumentTypeError(f"expected a number of days >= 1, got {value!r}")
+    if not 1 <= days <= RETENTION_DAYS_MAX:  # also refuses nan
+        raise argparse.ArgumentTypeError(
+            f"expected a number of days from 1 to {RETENTION_DAYS_MAX:g}, got {value!r}"
+        )
     return days
 
 
