@@ -16,7 +16,7 @@ Rules carried over from the store:
   otherwise they are "of which metered".
 - **Unknown is not zero**: a failed query raises :class:`~tokentop.collectors.promql.PromError`.
 
-Long windows use subqueries (``increase(x[30d:25920s])``): they read one sample per step instead of
+Long windows use subqueries (``increase(x[30d:28800s])``): they read one sample per step instead of
 every scrape of a month, which is what makes a 30-day pane refresh affordable without recording
 rules. tokentop's counters never reset (they start from the stored totals), so the coarser
 reading loses nothing but the extrapolation at the window's edges.
@@ -71,6 +71,8 @@ RAW_MAX_S = 3 * 3600
 """Windows up to this long read every sample; longer ones use a subquery."""
 SUBQUERY_STEPS = 100
 SUBQUERY_MIN_STEP_S = 300
+HOUR_STEPS = (300, 360, 400, 450, 480, 600, 720, 900, 1200, 1800, 3600)
+"""Subquery steps that divide an hour (whole minutes)."""
 NANO = Decimal("0.000000001")
 BURN_MINUTES = (5, 15, 60)
 """The burn rates' windows, in minutes."""
@@ -139,8 +141,11 @@ def over(func: str, selector: str, seconds: float) -> str:
     if seconds <= RAW_MAX_S:
         return f"{func}({selector}[{rng}])"
     # About a hundred steps, never finer than Prometheus' 5-minute lookback: each step is one
-    # lookup per series, which costs about as much as reading a chunk of raw samples.
-    step = max(SUBQUERY_MIN_STEP_S, -(-int(seconds / SUBQUERY_STEPS) // 60) * 60)
+    # lookup per series, which costs about as much as reading a chunk of raw samples. Steps
+    # divide an hour (or are whole hours), so that they land on every whole hour: a window
+    # that ends on one (the day's whole hours) ends on a step.
+    least = max(SUBQUERY_MIN_STEP_S, -(-int(seconds / SUBQUERY_STEPS) // 60) * 60)
+    step = next((d for d in HOUR_STEPS if d >= least), -(-least // 3600) * 3600)
     return f"{func}({selector}[{rng}:{step}s])"
 
 
@@ -279,8 +284,8 @@ BATCHES: tuple[tuple[str, str | None], ...] = (
     ("spend.history", "meta"),
     ("status.", "meta"),
     ("gpu.", "gpu"),
-    ("spend.today.", "long"),
-    ("spend.month", "long"),
+    ("spend.today.", None),  # the day's and month's whole hours: kept all hour (see submit)
+    ("spend.month", None),
     ("spend.", "spend"),
     ("now.tokens", None),
     ("model.tokens", None),
@@ -680,6 +685,13 @@ class PromSource:
     ) -> dict[str, Query]:
         """The queries behind :meth:`fold_spend`.
 
+        Today and this month are their whole hours, asked at the hour's start (the same
+        queries all hour long: settled after a few minutes, their answers are kept, see
+        :meth:`submit`), and the hour so far: cost, requests and unpriced tokens since the
+        hour began, which is also the Spend pane's "this hour". The whole hours are read with
+        a subquery's steps, which end on the hour, so nothing of the current hour is guessed
+        from the day's average rate.
+
         ``known_burn``: burn windows (minutes: 5, 15, 60) whose cost the caller has already
         asked for (the panes' window when it is as long) and hands to :meth:`fold_spend`.
         """
@@ -688,24 +700,32 @@ class PromSource:
         day_start = hour_start.replace(hour=0)
         month_start = day_start.replace(day=1)
 
-        def cost(start: datetime) -> Query:
-            seconds = window_seconds(start, now)
-            return (counted(COST, ['kind="estimated"'], seconds, (), text, meter=meter), now)
+        def cost(start: datetime, end: datetime = now) -> Query:
+            seconds = window_seconds(start, end)
+            return (counted(COST, ['kind="estimated"'], seconds, (), text, meter=meter), end)
 
-        return {
-            "spend.hour": cost(hour_start),
-            "spend.month": cost(month_start),
+        queries = {
+            **self.group_queries(
+                "spend.hour.", hour_start, now, (), text, tokens="unpriced", meter=meter
+            ),
             **{
                 f"spend.burn{m}": cost(now - timedelta(minutes=m))
                 for m in BURN_MINUTES
                 if m not in known_burn
             },
-            **self.group_queries(
-                "spend.today.", day_start, now, (), text, tokens="unpriced", meter=meter
-            ),
             "spend.history": (f"count({REQUESTS} offset 2h)", now),
             **self.freshness_queries(now),
         }
+        if month_start < hour_start:
+            queries["spend.month"] = cost(month_start, hour_start)
+        if day_start < hour_start:
+            queries.update(
+                self.group_queries(
+                    "spend.today.", day_start, hour_start, (), text, "counted", "unpriced",
+                    meter=meter,
+                )
+            )  # fmt: skip
+        return queries
 
     def fold_spend(
         self,
@@ -727,13 +747,17 @@ class PromSource:
         next_month = (month_start + timedelta(days=32)).replace(day=1)
 
         def first(name: str) -> Decimal:
-            found = answers[f"spend.{name}"]
+            found = answers.get(f"spend.{name}")
             return _usd(found[0].value) if found else Decimal(0)
 
+        def totals(prefix: str) -> Totals:
+            return self.fold(answers, prefix, ()).get((), Group(Totals(), True)).totals
+
         known = burn_cost or {}
-        today = self.fold(answers, "spend.today.", ()).get((), Group(Totals(), True)).totals
+        hour = totals("spend.hour.")
+        today = add_totals((totals("spend.today."), hour))
         burn = {m: (known[m] if m in known else first(f"burn{m}")) * 60 / m for m in BURN_MINUTES}
-        month = first("month")
+        month = first("month") + hour.cost
         hours_left_day = Decimal((day_start + timedelta(days=1) - now).total_seconds()) / 3600
         hours_left_month = Decimal((next_month - now).total_seconds()) / 3600
         elapsed_month_h = Decimal((now - month_start).total_seconds()) / 3600
@@ -742,7 +766,7 @@ class PromSource:
         history = bool(history_rows) and (history_rows[0].value or 0) > 0
         return SpendSummary(
             now=now,
-            hour=first("hour"),
+            hour=hour.cost,
             today=today.cost,
             month=month,
             burn_per_hour=burn,

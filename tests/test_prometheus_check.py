@@ -22,8 +22,8 @@ LAST_POLL = "tokentop_source_last_success_timestamp_seconds"
 
 
 class Fleet:
-    """What the fake fleet answers: $12.50 spent in every window, 10 requests, one unpriced
-    model, sources polled 30 s ago, and any firing alerts."""
+    """What the fake fleet answers: $12.50 spent in every window (all of it this hour), 10
+    requests, one unpriced model, sources polled 30 s ago, and any firing alerts."""
 
     def __init__(self) -> None:
         self.cost = 12.5
@@ -46,6 +46,8 @@ class Fleet:
             return [({}, 4)]  # usage history at any time asked
         if promql.startswith("count(tokentop_requests_total offset"):
             return [({}, 4)]
+        if at % 3600 == 0:
+            return []  # nothing in the day's whole hours (asked at the hour): all this hour
         if COST in promql:
             by_model = "model" in promql.split("(", 2)[1]
             labels = {"provider": "openai", "model": "gpt-4o"} if by_model else {}

@@ -16,6 +16,7 @@ from urllib.parse import parse_qs
 import httpx
 import pytest
 
+from tests.fakes.prometheus_api import _batch_parts
 from tests.fakes.prometheus_server import free_port
 from tokentop.collectors.config import ConfigError, parse_config
 from tokentop.collectors.promql import PromClient, PromError
@@ -82,7 +83,9 @@ def test_counted_once_promql() -> None:
 
 def test_long_windows_use_a_subquery_and_filters_match_any_label() -> None:
     assert over("increase", "x", 3600) == "increase(x[3600000ms])"
-    assert over("increase", "x", 30 * 86400) == "increase(x[2592000000ms:25920s])"
+    # About a hundred steps, each dividing an hour or whole hours: 30 days in 8-hour steps.
+    assert over("increase", "x", 30 * 86400) == "increase(x[2592000000ms:28800s])"
+    assert over("increase", "x", 15 * 3600) == "increase(x[54000000ms:600s])"
     assert over("increase", "x", 4 * 3600) == "increase(x[14400000ms:300s])"
     q = increase(COST, [], 60, text='a.b"c')
     assert q.count(" or ") == 4
@@ -389,3 +392,32 @@ def test_a_charts_settled_steps_are_asked_once() -> None:
     # The first call asks for the whole hour (the steps ending 22:31 to 23:31), the second only
     # for the steps after the last settled one (23:25, five minutes before the first call).
     assert asked == [(minute + 31 * 60, minute + 91 * 60), (minute + 86 * 60, minute + 91 * 60)]
+
+
+def test_today_is_its_whole_hours_and_the_hour_so_far() -> None:
+    now = NOW.replace(hour=15, minute=20, second=0)  # 15:20 UTC on the 31st
+
+    sent: list[tuple[str, float]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        form = parse_qs(request.content.decode())
+        q, at = form["query"][0], float(form["time"][0])
+        sent.append((q, at))
+        value = "7" if at == now.replace(minute=0).timestamp() else "2"
+        found = []
+        for tag, name, part in _batch_parts(q) or [("", "", q)]:
+            if part.startswith("sum(") and "tokentop_cost_usd_total" in part:
+                found.append(({tag: name} if tag else {}, value))
+        return httpx.Response(200, json=vector(*found))
+
+    source = PromSource(client(handler))
+    try:
+        spend = source.spend_summary(now)
+    finally:
+        source.close()
+    assert spend.hour == Decimal(2)
+    assert spend.today == Decimal(7 + 2)  # 00:00-15:00, then 15:00-15:20
+    assert spend.month == Decimal(7 + 2)  # the 1st 00:00 - 15:00 (one answer here), then 15:xx
+    hour_start = now.replace(minute=0).timestamp()
+    # The whole hours (00:00-15:00, in 10-minute steps) asked at the hour.
+    assert {at for q, at in sent if "[54000000ms:600s]" in q} == {hour_start}

@@ -47,11 +47,13 @@ def build_prometheus_snapshot(source: PromSource, request: RefreshRequest) -> Sn
     pool = source._pool  # the source's own query threads
     length = end - start
     # The usage queries leave out the counted-once lookup when nothing is metered (see
-    # ``counted``): the probe reads the server's index over the earliest window any pane reads.
+    # ``counted``): a probe of the server's index over the earliest window any pane reads.
     earliest = window_start(start - length if "cost" in panes else start)
     if "spend" in panes:
         earliest = min(earliest, source.month_start(now))
-    # What does not depend on it goes out first.
+    # The probe reads the index only (a few milliseconds); then every query goes out.
+    usage_panes = bool(panes & {"spend", "cost", "mix"})
+    meter = source.meter_providers(earliest, now) if usage_panes else ()
     first: dict[str, Query] = {**source.source_queries(now)}
     step = series_step(start, end, request.chart_points)
     gstep = series_step(start, end, 60)
@@ -63,8 +65,6 @@ def build_prometheus_snapshot(source: PromSource, request: RefreshRequest) -> Sn
     if "spend" in panes:
         first["spend.history"] = source.spend_queries(now, text)["spend.history"]
     pending = source.submit(first)
-    usage_panes = bool(panes & {"spend", "cost", "mix"})
-    meter = source.meter_providers(earliest, now) if usage_panes else ()
     # The window's groups by model serve the model mix and the window's totals (every usage
     # row is in one group); the cost pane adds the window before and another grouping. A
     # window as long as a burn rate's (1h, 15m) gives that burn rate too.
