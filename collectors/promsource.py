@@ -881,13 +881,19 @@ class PromSource:
     def source_queries(self, now: datetime) -> dict[str, Query]:
         """The queries behind :meth:`fold_sources`."""
         hour = "[1h]"
+        # Only the labels a source is told by: a third of the answer to read.
+        key = "source, instance"
         return {
-            "src.up": (f"last_over_time({SOURCE_UP}{hour})", now),
+            "src.up": (f"max by ({key}, kind) (last_over_time({SOURCE_UP}{hour}))", now),
             "src.last": (
-                f"last_over_time(tokentop_source_last_success_timestamp_seconds{hour})",
+                f"max by ({key}) (last_over_time("
+                f"tokentop_source_last_success_timestamp_seconds{hour}))",
                 now,
             ),
-            "src.interval": (f"last_over_time(tokentop_source_interval_seconds{hour})", now),
+            "src.interval": (
+                f"max by ({key}) (last_over_time(tokentop_source_interval_seconds{hour}))",
+                now,
+            ),
             # Targets Prometheus cannot scrape (their sources are matched by instance).
             "src.targets": ("up == 0", now),
             **self.freshness_queries(now),
@@ -958,10 +964,11 @@ class PromSource:
         """tokentop's own GPU and inference figures for a window (GPU samples are not minute
         buckets: the window is not rounded)."""
         s = max(0.0, (end - start).total_seconds())
-        gpu_by = "instance, source, gpu, name, mode"
+        gpu_by = "instance, source, gpu"
         ep_by = "instance, source, endpoint, server"
         q: dict[str, Query] = {
-            "gpu.cost": (f"sum by ({gpu_by}) ({increase(GPU_COST, [], s)})", end),
+            # The device's name and cost mode come with its cost; the rest by device only.
+            "gpu.cost": (f"sum by ({gpu_by}, name, mode) ({increase(GPU_COST, [], s)})", end),
             "gpu.idle": (f"sum by ({gpu_by}) ({increase(GPU_IDLE, [], s)})", end),
             "gpu.seconds": (f"sum by ({gpu_by}) ({increase(GPU_SECONDS, [], s)})", end),
             "gpu.inferences": (f"sum by ({ep_by}) ({increase(INFERENCES, [], s)})", end),

@@ -183,6 +183,7 @@ def test_report_over_prometheus_equals_the_sum_of_the_hosts(tmp_path: Path) -> N
                 assert names[0] == "prometheus"
                 assert sum(n.startswith(("demo@", "demo-gpu@")) for n in names) == 4
                 assert any(n.startswith("proxy@") for n in names)
+                _check_and_status(prom.url, tmp_path)
             # Prometheus stopped: a source error (exit 1, one line), never a report of $0.
             gone = subprocess.run(
                 [sys.executable, "-m", "tokentop", "report", "--prometheus", prom.url, "--json"],
@@ -193,8 +194,86 @@ def test_report_over_prometheus_equals_the_sum_of_the_hosts(tmp_path: Path) -> N
             assert gone.returncode == 1
             assert gone.stdout == ""
             assert prom.url in gone.stderr and len(gone.stderr.strip().splitlines()) == 1
+            status = _tokentop("status", "--prometheus", prom.url)
+            assert status.returncode == 1
+            assert status.stdout.startswith(f"Prometheus error: {prom.url}: unreachable")
+            check = _tokentop("--config", str(tmp_path / "rules.toml"), "check",
+                              "--prometheus", prom.url)  # fmt: skip
+            assert check.returncode == 3
+            assert check.stdout.startswith(f"UNKNOWN - Prometheus {prom.url}: unreachable")
         finally:
             _stop(procs)
+
+
+def _tokentop(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "tokentop", *args], capture_output=True, text=True, timeout=120
+    )
+
+
+RULES = """
+budget_daily_usd = 1000000
+[[alert]]
+name = "daily"
+kind = "budget"
+[[alert]]
+name = "runway"
+kind = "runway"
+[[alert]]
+name = "spike"
+kind = "spike"
+provider = "openai"
+[[alert]]
+name = "down"
+kind = "source_down"
+[[alert]]
+name = "unpriced"
+kind = "unpriced"
+[[alert]]
+name = "new-project"
+kind = "new_model"
+dimension = "project"
+window = "1m"
+[[alert]]
+name = "per-request"
+kind = "cost_per_request"
+by = "tag"
+window = "1m"
+min_requests = 1
+[[alert]]
+name = "gpu-idle"
+kind = "gpu_idle"
+usd_per_hour = 1000000
+[[alert]]
+name = "by-key"
+kind = "budget"
+budget_usd = 5
+api_key = "key_search"
+"""
+
+
+def _check_and_status(url: str, tmp_path: Path) -> None:
+    """``status`` and ``check`` read the fleet: every rule kind is PromQL the real server
+    answers; a scope by a label the hosts do not export (``api_key``) is UNKNOWN, saying so."""
+    status = _tokentop("status", "--prometheus", url, "--json")
+    assert status.returncode == 0, status.stdout + status.stderr
+    fields = json.loads(status.stdout)
+    assert float(fields["today_usd"]) > 0 and fields["stale"] == "", fields
+    rules = tmp_path / "rules.toml"
+    rules.write_text(RULES, encoding="utf-8")
+    check = _tokentop("--config", str(rules), "check", "--prometheus", url, "--json")
+    data = json.loads(check.stdout)
+    assert data["prometheus"] == url, data
+    found = {r["name"]: r for r in data["rules"]}
+    errors = {name: r["error"] for name, r in found.items() if r["error"]}
+    assert set(errors) == {"by-key"}, errors
+    assert "no api_key label" in errors["by-key"]
+    assert check.returncode == 3  # the worst: the rule that cannot be evaluated
+    assert found["daily"]["status"] == "OK" and found["gpu-idle"]["status"] == "OK"
+    # The demo's hosts and the proxy are up: nothing down.
+    assert found["down"]["status"] == "OK", found["down"]
+    # A brand-new fleet: every project is new within the last minute... or has no history.
+    assert found["new-project"]["status"] in ("OK", "WARNING")
 
 
 def _ago(seconds: float) -> str:
