@@ -1162,6 +1162,8 @@ class Recorder:
         self._routing = True
         """Whether responses without usage go to the estimator (until it is told to stop)."""
         self._hurry = threading.Event()
+        self._wake = threading.Event()
+        """Set with each marker queued: ends the gathering of a batch at once."""
         self._closed = False
         self._estimator = threading.Thread(
             target=self._estimate, name="tokentop-estimator", daemon=True
@@ -1190,7 +1192,7 @@ class Recorder:
         if self._closed or not self._thread.is_alive():
             return False
         marker = _Flush()
-        self._queue.put(marker)
+        self._marker(marker)
         return marker.event.wait(timeout)
 
     def close(self, timeout: float = 10.0) -> None:
@@ -1200,10 +1202,14 @@ class Recorder:
         self._closed = True
         atexit.unregister(self.close)
         self._hurry.set()  # estimates stop waiting for a tokenizer download
-        self._queue.put(_STOP)
+        self._marker(_STOP)
         self._thread.join(timeout)
         if self._thread.is_alive():
             log.warning("the recorder did not finish writing within %g s", timeout)
+
+    def _marker(self, marker: object) -> None:
+        self._queue.put(marker)
+        self._wake.set()
 
     def __enter__(self) -> Recorder:
         return self
@@ -1223,15 +1229,15 @@ class Recorder:
             except queue.Empty:
                 continue
             batch: list[Any] = [first]
-            deadline = time.monotonic() + self.flush_interval_s
-            while isinstance(batch[-1], Exchange | MeteredRequest):  # a marker ends a batch
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                try:
-                    batch.append(self._queue.get(timeout=remaining))
-                except queue.Empty:
-                    break
+            if isinstance(first, Exchange | MeteredRequest):
+                # Gather for the interval, then take what came at once: waiting on the queue
+                # item by item would wake this thread (and take the GIL from the event loop)
+                # for every request. A marker (flush, stop) cuts the wait short.
+                self._wake.wait(self.flush_interval_s)
+                self._wake.clear()
+                with contextlib.suppress(queue.Empty):
+                    while isinstance(batch[-1], Exchange | MeteredRequest):  # a marker ends it
+                        batch.append(self._queue.get_nowait())
             items = [i for i in batch if isinstance(i, Exchange | MeteredRequest)]
             if items:
                 store = self._write(store, items)
@@ -1363,7 +1369,7 @@ class Recorder:
             if item is _STOP:
                 break
             if isinstance(item, _Flush):
-                self._queue.put(item)
+                self._marker(item)
                 continue
             exchange, found = item
             try:
@@ -1377,7 +1383,7 @@ class Recorder:
                 continue
             if request is not None:
                 self._queue.put(request)  # priced and written by the recorder's thread
-        self._queue.put(_ESTIMATOR_DONE)
+        self._marker(_ESTIMATOR_DONE)
 
     def _spill(self, requests: Sequence[MeteredRequest]) -> bool:
         lines = []

@@ -442,6 +442,12 @@ _USAGE_INSERT = (
     f"INSERT OR REPLACE INTO usage (start, origin_id, series_id, width, {_SUMS}, priced,"
     f" price_id) VALUES ({', '.join('?' * (len(USAGE_SUMS) + 6))})"
 )
+_REQUEST_INSERT = (
+    "INSERT INTO request (ts, source, request_id, provider, model, input_uncached, cache_read,"
+    " cache_write_5m, cache_write_1h, output, web_searches, cost_nano, priced, price_ref,"
+    " latency_ms, status, tag, estimated)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
 _USAGE_APPEND = _USAGE_INSERT.replace("INSERT OR REPLACE", "INSERT", 1)
 _OF_SOURCE = "series_id IN (SELECT id FROM series WHERE source = ?)"
 """A source's series (the series table is small; its unique index starts with ``source``)."""
@@ -1029,43 +1035,66 @@ class Store:
             requests = kept
             if not requests:
                 return
-        conn.executemany(
-            "INSERT OR REPLACE INTO request (ts, source, request_id, provider, model,"
-            " input_uncached, cache_read, cache_write_5m, cache_write_1h, output, web_searches,"
-            " cost_nano, priced, price_ref, latency_ms, status, tag, estimated)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [
-                (
-                    _ms(r.ts),
-                    r.source,
-                    r.request_id or f"{_ms(r.ts)}-{i}",
-                    r.provider,
-                    r.model,
-                    r.input_uncached,
-                    r.cache_read,
-                    r.cache_write_5m,
-                    r.cache_write_1h,
-                    r.output,
-                    r.web_searches,
-                    r.cost_nano,
-                    int(r.priced),
-                    r.price_ref,
-                    r.latency_ms,
-                    r.status,
-                    r.tag,
-                    int(r.estimated),
-                )
-                for i, r in enumerate(requests)
-            ],
-        )
+        rows = [
+            (
+                _ms(r.ts),
+                r.source,
+                r.request_id or f"{_ms(r.ts)}-{i}",
+                r.provider,
+                r.model,
+                r.input_uncached,
+                r.cache_read,
+                r.cache_write_5m,
+                r.cache_write_1h,
+                r.output,
+                r.web_searches,
+                r.cost_nano,
+                int(r.priced),
+                r.price_ref,
+                r.latency_ms,
+                r.status,
+                r.tag,
+                int(r.estimated),
+            )
+            for i, r in enumerate(requests)
+        ]
+        # New requests (the usual case) add their sums to their minutes' buckets; summing a
+        # minute again from its requests would cost a scan of every request in it per write,
+        # which grows with the request rate. A request written again (the same id) replaces
+        # the stored one, and its minutes are then summed again from the requests.
+        before = conn.total_changes
+        conn.executemany(_REQUEST_INSERT + " ON CONFLICT DO NOTHING", rows)
+        appended = conn.total_changes - before == len(rows)
+        if not appended:
+            conn.executemany(_REQUEST_INSERT.replace("INSERT", "INSERT OR REPLACE", 1), rows)
         spans: dict[str, tuple[int, int]] = {}
-        for r in requests:
-            minute = _ms(r.ts) // 60_000 * 60
-            old = spans.get(r.source)
-            spans[r.source] = (
+        added: dict[tuple[int, str, str, str, str], list[Any]] = {}
+        for row in rows:
+            source = row[1]
+            minute = row[0] // 60_000 * 60
+            old = spans.get(source)
+            spans[source] = (
                 (minute, minute) if old is None else (min(old[0], minute), max(old[1], minute))
             )
+            if appended:
+                key = (minute, source, row[3], row[4], row[16])
+                sums = added.get(key)
+                if sums is None:
+                    added[key] = [*row[5:10], 1, *row[10:14]]
+                else:
+                    for k, v in enumerate(row[5:10]):
+                        sums[k] += v
+                    sums[5] += 1
+                    sums[6] += row[10]
+                    sums[7] += row[11]
+                    sums[8] = min(sums[8], row[12])
+                    sums[9] = max(sums[9], row[13])
+        if appended:
+            self._add_minutes(conn, added)
         for source, (lo, hi) in spans.items():
+            if appended:
+                _refresh_usage_rollups(conn, source, lo, hi)
+                continue
             by_minute = conn.execute(
                 "SELECT (ts / 60000) * 60 AS m, provider, model, tag, SUM(input_uncached),"
                 " SUM(cache_read), SUM(cache_write_5m), SUM(cache_write_1h), SUM(output),"
@@ -1090,6 +1119,30 @@ class Store:
                 ],
             )
             _refresh_usage_rollups(conn, source, lo, hi)
+
+    def _add_minutes(
+        self, conn: sqlite3.Connection, added: dict[tuple[int, str, str, str, str], list[Any]]
+    ) -> None:
+        """Add the sums of requests just appended (none replaced) to their one-minute buckets:
+        ``added`` maps (minute, source, provider, model, tag) to the bucket's sums, ``MIN
+        (priced)`` and ``MAX(price_ref)``, as :meth:`_write_requests` sums a minute whole."""
+        for (minute, source, provider, model, tag), sums in added.items():
+            sid = self._series_id(conn, (source, provider, model, "", "", "", tag, "", "", ""))
+            origin = self._origins[sid][0]
+            row = conn.execute(
+                f"SELECT {_SUMS}, priced, (SELECT ref FROM price WHERE id = price_id)"
+                " FROM usage WHERE start = ? AND origin_id = ? AND series_id = ? AND width = 60",
+                (minute, origin, sid),
+            ).fetchone()
+            if row is not None:
+                sums = [a + b for a, b in zip(sums[:8], row[:8], strict=True)] + [
+                    min(sums[8], row[8]),
+                    max(sums[9], row[9] or ""),
+                ]
+            conn.execute(
+                _USAGE_INSERT,
+                (minute, origin, sid, 60, *sums[:9], self._price_id(conn, sums[9])),
+            )
 
     def rebuild_rollups(self) -> None:
         """Recompute every rollup from the fine tables (after a bulk load).

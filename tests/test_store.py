@@ -377,6 +377,51 @@ def test_metered_requests_are_upserted_by_id_and_roll_into_usage(store: Store) -
     assert usage_day_rows(store) == usage_day_expected(store)
 
 
+def test_metered_minutes_added_to_match_summing_them_whole(store: Store) -> None:
+    """New requests add to their minutes' buckets; rewritten ones make the minutes be summed
+    again. Either way the buckets are what summing every request of the minute gives."""
+    rng = random.Random(7)
+    written: list[MeteredRequest] = []
+    for n in range(30):
+        batch = []
+        for i in range(rng.randint(1, 12)):
+            if written and rng.random() < 0.05:  # the same id again, with other figures
+                batch.append(dataclasses.replace(rng.choice(written), output=rng.randint(0, 9)))
+                continue
+            priced = rng.random() < 0.8
+            batch.append(
+                MeteredRequest(
+                    ts=at(rng.uniform(0, 4)),
+                    provider=rng.choice(("openai", "anthropic")),
+                    model=rng.choice(("gpt-4o", "claude")),
+                    request_id=f"req-{n}-{i}",
+                    input_uncached=rng.randint(0, 99),
+                    cache_read=rng.randint(0, 9),
+                    output=rng.randint(0, 99),
+                    web_searches=rng.randint(0, 2),
+                    cost_nano=rng.randint(0, 10**6) if priced else 0,
+                    priced=priced,
+                    price_ref=rng.choice(("genai-prices a", "genai-prices b")) if priced else "",
+                    tag=rng.choice(("", "x")),
+                )
+            )
+        store.write_batch(Batch(requests=tuple(batch)))
+        written += batch
+    rows = store.query(
+        f"SELECT start, provider, model, tag, input_uncached, cache_read, output, requests,"
+        f" web_searches, cost_nano, priced, price_ref FROM {USAGE_FLAT}"
+        " WHERE source = 'meter' AND width = 60"
+    )
+    summed = store.query(
+        "SELECT (ts / 60000) * 60, provider, model, tag, SUM(input_uncached), SUM(cache_read),"
+        " SUM(output), COUNT(*), SUM(web_searches), SUM(cost_nano), MIN(priced), MAX(price_ref)"
+        " FROM request GROUP BY 1, 2, 3, 4"
+    )
+    assert sorted(tuple(r) for r in rows) == sorted(tuple(r) for r in summed)
+    assert usage_hour_rows(store) == usage_hour_expected(store)
+    assert usage_day_rows(store) == usage_day_expected(store)
+
+
 def test_source_health_upsert_keeps_last_success_and_counts_calls(store: Store) -> None:
     ok = SourceHealth(
         name="oa",
