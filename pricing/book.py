@@ -22,9 +22,9 @@ from __future__ import annotations
 import re
 import threading
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, time, timedelta
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from tokentop.pricing.config import EPOCH as EPOCH
 from tokentop.pricing.config import STANDARD_TIERS as STANDARD_TIERS
@@ -50,6 +50,9 @@ def _import_genai_prices() -> None:
 
 
 _MISSING = object()
+_MINUTE = timedelta(minutes=1)
+_RESOLVED_MAX = 4096
+"""Resolved quotes kept (a few per model, tier and size class, for the minutes in use)."""
 MILLION = Decimal(1_000_000)
 THOUSAND = Decimal(1_000)
 
@@ -177,6 +180,21 @@ class PriceBook:
         self._rates: dict[
             tuple[int, tuple[int, ...], int], tuple[tuple[Any, ...], dict[str, Decimal] | None]
         ] = {}
+        # Resolved prices per (provider, model, tier, whether sized, minute), then per size class
+        # and context window: every date or time a price depends on falls on a whole minute
+        # (checked, per model), so one minute's quotes all resolve alike. A model with a
+        # boundary inside a minute is never cached.
+        self._resolved: dict[
+            tuple[str, str, str, bool, int], tuple[tuple[int, ...], dict[tuple[int, str], Any]]
+        ] = {}
+        self._minutely: dict[tuple[str, str], bool] = {}
+        self._config_minutely = all(
+            _on_minute(when)
+            for when in (
+                *(o.effective for o in self.config.models),
+                *(r.effective for r in (*self.config.tiers, *BUILTIN_TIER_RULES)),
+            )
+        )
 
     def describe(self) -> dict[str, Any]:
         """Which price data and overrides produce the figures (for reports and exports)."""
@@ -265,6 +283,44 @@ class PriceBook:
         )
 
     def _resolve(self, provider: str, model: str, at: datetime, tier: PriceTier) -> _Priced | None:
+        if not self._is_minutely(provider, model):
+            return self._resolve_at(provider, model, at, tier)[0]
+        name = tier.name
+        sized = tier.request_input > 0 or bool(tier.context_window.strip())
+        key = (provider, model, name, sized, (at - EPOCH) // _MINUTE)
+        with self._lock:
+            entry = self._resolved.get(key)
+        if entry is not None:
+            size = _context_size(tier, entry[0])[0]
+            label = "" if tier.request_input > 0 else tier.context_window
+            found = entry[1].get((size, label), _MISSING)
+            if found is not _MISSING:
+                return cast("_Priced | None", found)
+        priced, starts = self._resolve_at(provider, model, at, tier)
+        size = _context_size(tier, starts)[0]
+        label = "" if tier.request_input > 0 else tier.context_window
+        with self._lock:
+            if entry is None:
+                if len(self._resolved) >= _RESOLVED_MAX:
+                    self._resolved.clear()
+                entry = self._resolved.setdefault(key, (starts, {}))
+            entry[1][(size, label)] = priced
+        return priced
+
+    def _is_minutely(self, provider: str, model: str) -> bool:
+        """Whether every date and time the prices of ``model`` depend on is a whole minute."""
+        key = (provider, model)
+        ok = self._minutely.get(key)
+        if ok is None:
+            ok = self._config_minutely and _model_minutely(self._find(provider, model))
+            with self._lock:
+                self._minutely[key] = ok
+        return ok
+
+    def _resolve_at(
+        self, provider: str, model: str, at: datetime, tier: PriceTier
+    ) -> tuple[_Priced | None, tuple[int, ...]]:
+        """The rates for a quote, and the long-context thresholds that chose among them."""
         override = self._override(provider, model, at)
         found: Any = None
         standard: Any = None
@@ -273,7 +329,7 @@ class PriceBook:
         else:
             found = self._find(provider, model)
             if found is None:
-                return None
+                return None, ()
             found_provider, model_id = found[0].id, found[1].id
             ref = f"genai-prices {genai_prices.__version__} {found_provider}/{model_id}"
             standard = found[1].get_prices(at)
@@ -286,7 +342,7 @@ class PriceBook:
         if standard is not None:
             listed = self._rates_of(found[1], at, context, standard, (), size)
             if listed is None:
-                return None
+                return None, starts
             list_rates = listed
         rates, rule, source = list_rates, "", ""
         if name:
@@ -322,7 +378,8 @@ class PriceBook:
                 when = f" before {since.date()}" if since is not None else ""
                 flags.insert(0, f"tier {name!r} unknown{when}: list price")
         rule = ", ".join(part for part in (rule, context_rule) if part)
-        return _Priced(rates, ref, found_provider, model_id, rule, "; ".join(flags), source)
+        priced = _Priced(rates, ref, found_provider, model_id, rule, "; ".join(flags), source)
+        return priced, starts
 
     def _override(
         self, provider: str, model: str, at: datetime
@@ -392,6 +449,42 @@ class PriceBook:
         with self._lock:
             self._rates[key] = (objects, rates)
         return rates
+
+
+def _on_minute(when: datetime) -> bool:
+    return when.second == 0 and when.microsecond == 0 and _whole_minutes(when.utcoffset())
+
+
+def _whole_minutes(offset: timedelta | None) -> bool:
+    return offset is None or offset % _MINUTE == timedelta(0)
+
+
+def _model_minutely(found: Any) -> bool:
+    """Whether the constraints of genai-prices' prices for a model (``(provider, info)`` or
+    ``None``) start and end on whole minutes: dates do; a time of day may not."""
+    if found is None:
+        return True
+    info = found[1]
+    prices = info.prices if isinstance(info.prices, list) else []
+    for item in (*prices, *(info.price_variants or ())):
+        constraint = getattr(item, "constraint", None)
+        if constraint is None:
+            continue
+        start = getattr(constraint, "start_date", None)
+        if start is not None:  # a UTC date (its midnight), or a time
+            if isinstance(start, datetime) and not _on_minute(start):
+                return False
+            continue
+        times = (getattr(constraint, "start_time", None), getattr(constraint, "end_time", None))
+        if not all(
+            isinstance(t, time)
+            and t.second == 0
+            and t.microsecond == 0
+            and _whole_minutes(t.utcoffset())
+            for t in times
+        ):
+            return False
+    return True
 
 
 def _percent(fraction: Decimal) -> str:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, time, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -11,7 +11,13 @@ import pytest
 from genai_prices.data_snapshot import get_snapshot
 from genai_prices.types import StartDateConstraint
 
-from tokentop.pricing.book import ModelPriceOverride, PriceBook, PricingConfig, TokenCounts
+from tokentop.pricing.book import (
+    ModelPriceOverride,
+    PriceBook,
+    PriceTier,
+    PricingConfig,
+    TokenCounts,
+)
 from tokentop.pricing.gpu import (
     DEFAULT_RATES,
     GpuCostModel,
@@ -387,3 +393,74 @@ def test_gpu_economics_unknown_when_nothing_served() -> None:
         )
         is None
     )
+
+
+def test_quotes_resolved_once_a_minute_are_the_quotes_resolved_each_time() -> None:
+    """The book keeps what it resolved for a minute (every price boundary is a whole minute:
+    DeepSeek's off-peak hours start at 16:30 UTC); each quote equals one resolved afresh."""
+    cached = book(
+        ModelPriceOverride("", "acme-1", Decimal(1), Decimal(2), effective=AUG_2025 + timedelta(1))
+    )
+    afresh = book(
+        ModelPriceOverride("", "acme-1", Decimal(1), Decimal(2), effective=AUG_2025 + timedelta(1))
+    )
+    afresh._config_minutely = False  # resolves every quote
+    assert cached._config_minutely
+    edges = [
+        datetime(2025, 9, 1, 16, 30, tzinfo=UTC),
+        datetime(2025, 9, 2, 0, 30, tzinfo=UTC),
+        AUG_2025 + timedelta(1),
+        datetime(2025, 9, 29, tzinfo=UTC),
+    ]
+    times = [e + timedelta(microseconds=d) for e in edges for d in (-1, 0, 1, 59_999_999)]
+    models = [
+        ("deepseek", "deepseek-chat"),
+        ("anthropic", "claude-sonnet-4-5"),
+        ("google", "gemini-2.5-pro"),
+        ("openai", "gpt-4o-mini"),
+        ("", "acme-1"),
+        ("openai", "no-such-model"),
+    ]
+    tiers = [
+        PriceTier(),
+        PriceTier("priority"),
+        PriceTier(batch=True),
+        PriceTier("flex"),
+        PriceTier("scale"),
+        PriceTier(context_window="0-200k"),
+        PriceTier(context_window="200k-1M"),
+        *(PriceTier("default", request_input=n) for n in (1, 200_000, 200_001, 900_000)),
+    ]
+    tokens = TokenCounts(1_000, 200, 30, 40, 500, 1)
+    for _ in range(2):  # the second pass is served from the cache
+        for provider, model in models:
+            for at in times:
+                for tier in tiers:
+                    expected = afresh.quote(provider, model, tokens, at, tier)
+                    assert cached.quote(provider, model, tokens, at, tier) == expected
+    # Across 16:30 the off-peak price starts, in the same book.
+    before, after = (
+        cached.quote("deepseek", "deepseek-chat", tokens, t, PriceTier())
+        for t in (edges[0] - timedelta(microseconds=1), edges[0])
+    )
+    assert before.cost != after.cost
+
+
+def test_a_price_boundary_inside_a_minute_is_never_cached() -> None:
+    from types import SimpleNamespace
+
+    from tokentop.pricing.book import _model_minutely
+
+    def model(start: time) -> Any:
+        constraint = SimpleNamespace(start_time=start, end_time=time(16, 30, tzinfo=UTC))
+        info = SimpleNamespace(prices=[SimpleNamespace(constraint=constraint)], price_variants=())
+        return (None, info)
+
+    assert _model_minutely(model(time(0, 30, tzinfo=UTC)))
+    assert not _model_minutely(model(time(0, 30, 15, tzinfo=UTC)))
+    shifted = book(
+        ModelPriceOverride(
+            "", "acme-1", Decimal(1), Decimal(2), effective=AUG_2025 + timedelta(0, 1)
+        )
+    )
+    assert not shifted._is_minutely("", "acme-1")
