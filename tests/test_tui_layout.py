@@ -597,6 +597,54 @@ async def test_one_group_past_the_room_is_listed_not_summed(tmp_path: Path) -> N
     assert len(snapshot.mix) == 6 and snapshot.mix[-1].others == 35
 
 
+async def test_a_reused_snapshot_sums_the_rows_of_its_own_window(tmp_path: Path) -> None:
+    """The store sums the buckets starting in [start, end) at whole seconds: a window that ends
+    at 12:30:00.5 still holds the 11:30 bucket, one ending at 12:30:01.5 no longer does. A
+    still screen may reuse its last query within a minute, never across that edge."""
+    from tokentop.store.queries import totals
+    from tokentop.store.records import Batch, UsageBucket
+
+    db = tmp_path / "edge.db"
+    with Store(db) as store:
+        store.write_batch(
+            Batch(
+                usage=tuple(
+                    UsageBucket(
+                        "openai",
+                        "openai",
+                        "gpt-4o",
+                        start,
+                        input_uncached=10,
+                        output=5,
+                        requests=requests,
+                        cost_nano=requests * 1_000_000,
+                        priced=True,
+                    )
+                    for start, requests in (
+                        (FROZEN - timedelta(hours=1), 7),  # 11:30, the window's first bucket
+                        (FROZEN - timedelta(minutes=20), 3),
+                    )
+                )
+            )
+        )
+    now = [FROZEN + timedelta(seconds=0.5)]
+    app = TokentopApp(db, clock=lambda: now[0], refresh_s=3600)
+    async with app.run_test(size=(160, 48)) as pilot:
+        await settle(pilot)
+        assert app.snapshot is not None and app.snapshot.window_totals.requests == 10
+        now[0] = FROZEN + timedelta(seconds=1.5)
+        app.refresh_tick()
+        await settle(pilot)
+        with Store(db) as store:
+            fresh = totals(store, now[0] - timedelta(hours=1), now[0])
+        assert fresh.requests == 3
+        assert app.snapshot.now == now[0] and app.snapshot.window_totals == fresh
+        now[0] = FROZEN + timedelta(seconds=30)  # the same rows: reused, and still right
+        app.refresh_tick()
+        await settle(pilot)
+        assert app.snapshot.elapsed_s == 0.0 and app.snapshot.window_totals == fresh
+
+
 async def test_a_still_database_is_not_queried_every_second(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -37,7 +37,7 @@ from tokentop.pricing.book import PriceBook
 from tokentop.store.db import Store
 from tokentop.store.filters import add_term, drill_term, filtered_groups
 from tokentop.store.queries import GROUPS
-from tokentop.store.records import stale_after
+from tokentop.store.records import stale_after, to_epoch
 from tokentop.store.report import build_report, render
 from tokentop.store.view import DEFAULT_SORT, default_descending
 from tokentop.tui import format as fmt
@@ -92,6 +92,17 @@ def layout_for(width: int, height: int) -> str:
     if height >= 28 and (width >= 100 or height >= 40):
         return "medium"
     return "compact"
+
+
+def bucket_edges(request: RefreshRequest) -> tuple[int, int]:
+    """Which minute buckets the window of ``request`` sums, as the store decides it.
+
+    The store compares whole seconds (:func:`~tokentop.store.records.to_epoch`): a bucket is in
+    the window when its start is in ``[start, end)``. So the rows change when an end passes the
+    first whole second after a minute's edge (``12:00:01``), not at the edge itself; the
+    minute of the first bucket start at or after each end says which rows a window sums.
+    """
+    return -(-to_epoch(request.start) // 60), -(-to_epoch(request.end) // 60)
 
 
 def default_export_dir() -> Path:
@@ -769,16 +780,17 @@ class TokentopApp(App[None]):
         nothing it was made from can have changed.
 
         That is: no other connection committed to the database since (SQLite's
-        ``data_version``), the clock is in the same minute (usage buckets are whole minutes,
-        so a window that slid a few seconds sums the same rows), the view is the same, and the
-        last full query is under :data:`REQUERY_S` old. Ages (badges, Sources) follow the new
-        time; a collector that died stops writing, so its heartbeat is re-judged here too.
-        An idle screen on a still database then costs a query at each new minute (at least
-        every :data:`REQUERY_S`), not every second; a live one queries every second as before.
+        ``data_version``), the window's ends are between the same minute-bucket edges (usage
+        buckets are whole minutes, so a window that slid a few seconds sums the same rows; see
+        :func:`bucket_edges`), the view is the same, and the last full query is under
+        :data:`REQUERY_S` old. Ages (badges, Sources) follow the new time; a collector that
+        died stops writing, so its heartbeat is re-judged here too. (GPU samples are not
+        minute buckets: one that slides out of the window shows up to :data:`REQUERY_S`
+        longer.) An idle screen on a still database then costs a query at each new minute (at
+        least every :data:`REQUERY_S`), not every second; a live one queries every second.
         """
         version = store.query("PRAGMA data_version")[0][0]
-        minute = int(request.now.timestamp() // 60)
-        key = (version, minute, replace(request, seq=0, now=_EPOCH))
+        key = (version, bucket_edges(request), replace(request, seq=0, now=_EPOCH))
         last = self._last_build
         if reuse and last is not None and last[0] == key and time.monotonic() - last[1] < REQUERY_S:
             previous = last[2]
