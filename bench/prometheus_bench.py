@@ -14,7 +14,9 @@ For each N (default 1, 10, 50), starts N demo collectors, each on its own databa
    Twice: *under load* (the N exporters and the 1 s scraping share the machine with the
    queries, as they do on a 2-core laptop) and *quiet* (the exporters paused with SIGSTOP and
    every query evaluated at a moment just before: a Prometheus on its own machine).
-   Target: a full refresh over 50 hosts at most 300 ms p95.
+   Target: a full refresh over 50 hosts at most 300 ms p95. Beside them: the requests a refresh
+   sends, the CPU a quiet refresh costs Prometheus and this process (a figure that depends
+   less on what else runs than the times do), and the 1-minute load average before and after.
 
 The hosts start from one demo database made once (``collect --demo --once``: 24 h of history)
 and copied, so that starting 50 of them does not mean 50 backfills; each then polls every
@@ -26,7 +28,7 @@ bound for long-running servers (at a 1 s scrape, 2 minutes hold as many samples 
 Usage::
 
     python -m bench.prometheus_bench [--hosts 1,10,50] [--duration 120] [--scrape 1s]
-                                     [--interval 5] [--reps 20] [--burst 50]
+                                     [--interval 5] [--reps 40] [--burst 50]
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -151,27 +154,51 @@ def exporter_cpu(host: Host, burst: int) -> float:
     return max(0.0, busy - idle_rate * wall) / burst
 
 
+@dataclass
+class Timed:
+    """``reps`` full TUI refreshes and as many report query sets."""
+
+    refresh: list[float] = field(default_factory=list)
+    """Seconds of each refresh."""
+    report: list[float] = field(default_factory=list)
+    prom_cpu: float = 0.0
+    """Prometheus' CPU seconds during the refreshes (all of its work, scraping included)."""
+    client_cpu: float = 0.0
+    """This process's CPU seconds during the refreshes (the client: HTTP, JSON, folding)."""
+    requests: int = 0
+    """HTTP requests the refreshes sent."""
+    load: tuple[float, float] = (0.0, 0.0)
+    """The 1-minute load average before and after."""
+
+    def per_refresh_ms(self, seconds: float) -> float:
+        return seconds / max(1, len(self.refresh)) * 1000
+
+
 def _time_refreshes(
-    source: PromSource, n: int, reps: int, at: datetime | None
-) -> tuple[list[float], list[float]]:
-    """Seconds of ``reps`` full TUI refreshes and as many report query sets (after two
-    warm-ups), evaluated now or at ``at``."""
-    refresh: list[float] = []
-    report: list[float] = []
+    source: PromSource, n: int, reps: int, at: datetime | None, prom_pid: int
+) -> Timed:
+    """``reps`` full TUI refreshes and as many report query sets (after two warm-ups),
+    evaluated now or at ``at``: their times, and the CPU and requests of the refreshes."""
+    out = Timed(load=(os.getloadavg()[0], 0.0))
     for i in range(reps + 2):
         now = at or datetime.now(UTC)
+        calls, prom, client = source.client.calls, cpu_seconds(prom_pid), time.process_time()
         t = time.perf_counter()
         snap = build_prometheus_snapshot(source, RefreshRequest(seq=i, now=now, window="1h"))
         elapsed = time.perf_counter() - t
+        if i >= 2:
+            out.refresh.append(elapsed)
+            out.prom_cpu += cpu_seconds(prom_pid) - prom
+            out.client_cpu += time.process_time() - client
+            out.requests += source.client.calls - calls
         t = time.perf_counter()
         prometheus_report(source, now - timedelta(hours=1), now)
-        rep = time.perf_counter() - t
         if i >= 2:
-            refresh.append(elapsed)
-            report.append(rep)
+            out.report.append(time.perf_counter() - t)
+    out.load = (out.load[0], os.getloadavg()[0])
     assert len(snap.gpu.devices) == 2 * n, len(snap.gpu.devices)
     assert snap.window_totals.requests > 0
-    return refresh, report
+    return out
 
 
 def run(n: int, seed_db: Path, workdir: Path, args: argparse.Namespace) -> dict[str, float]:
@@ -202,14 +229,15 @@ def run(n: int, seed_db: Path, workdir: Path, args: argparse.Namespace) -> dict[
             source = PromSource(PromClient(prom.url, timeout_s=30))
             try:
                 # Under load: the N exporters and Prometheus' scraping share the machine.
-                loaded, loaded_report = _time_refreshes(source, n, args.reps, None)
+                pid = prom.process.pid
+                loaded = _time_refreshes(source, n, args.reps, None, pid)
                 # Quiet: the exporters paused (SIGSTOP), every query evaluated at a moment just
                 # before, as a Prometheus on its own machine would answer it.
                 at = datetime.now(UTC)
                 for h in hosts:
                     h.proc.send_signal(signal.SIGSTOP)
                 try:
-                    quiet, quiet_report = _time_refreshes(source, n, args.reps, at)
+                    quiet = _time_refreshes(source, n, args.reps, at, pid)
                 finally:
                     for h in hosts:
                         h.proc.send_signal(signal.SIGCONT)
@@ -223,13 +251,18 @@ def run(n: int, seed_db: Path, workdir: Path, args: argparse.Namespace) -> dict[
             "prom_samples": prom_samples,
             "prom_scrape_ms": prom_scrape_s * 1000,
             "cpu_ms": cpu * 1000,
-            "refresh_p50": percentile(loaded, 50) * 1000,
-            "refresh_p95": percentile(loaded, 95) * 1000,
-            "report_p50": percentile(loaded_report, 50) * 1000,
-            "report_p95": percentile(loaded_report, 95) * 1000,
-            "quiet_p50": percentile(quiet, 50) * 1000,
-            "quiet_p95": percentile(quiet, 95) * 1000,
-            "quiet_report_p95": percentile(quiet_report, 95) * 1000,
+            "refresh_p50": percentile(loaded.refresh, 50) * 1000,
+            "refresh_p95": percentile(loaded.refresh, 95) * 1000,
+            "report_p50": percentile(loaded.report, 50) * 1000,
+            "report_p95": percentile(loaded.report, 95) * 1000,
+            "quiet_p50": percentile(quiet.refresh, 50) * 1000,
+            "quiet_p95": percentile(quiet.refresh, 95) * 1000,
+            "quiet_report_p95": percentile(quiet.report, 95) * 1000,
+            "requests": loaded.requests / max(1, len(loaded.refresh)),
+            "prom_cpu_ms": quiet.per_refresh_ms(quiet.prom_cpu),
+            "client_cpu_ms": quiet.per_refresh_ms(quiet.client_cpu),
+            "load_before": loaded.load[0],
+            "load_after": quiet.load[1],
         }
     finally:
         for h in hosts:
@@ -242,7 +275,7 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=120, help="seconds of scraping")
     parser.add_argument("--scrape", default="1s", help="Prometheus scrape interval")
     parser.add_argument("--interval", type=float, default=5.0, help="demo poll interval, s")
-    parser.add_argument("--reps", type=int, default=20, help="timed refreshes per N")
+    parser.add_argument("--reps", type=int, default=40, help="timed refreshes per N")
     parser.add_argument("--burst", type=int, default=50, help="scrapes timed for exporter CPU")
     args = parser.parse_args()
     if find_prometheus() is None:
@@ -258,14 +291,18 @@ def main() -> None:
                 f"N={n}: scrape {r['text_bytes']:,} B text / {r['om_bytes']:,} B OpenMetrics,"
                 f" {r['samples']} samples; exporter CPU {r['cpu_ms']:.1f} ms/scrape;"
                 f" TUI refresh p50 {r['refresh_p50']:.0f} ms p95 {r['refresh_p95']:.0f} ms"
-                f" (quiet: p50 {r['quiet_p50']:.0f} ms p95 {r['quiet_p95']:.0f} ms)",
+                f" (quiet: p50 {r['quiet_p50']:.0f} ms p95 {r['quiet_p95']:.0f} ms);"
+                f" {r['requests']:.0f} requests, CPU per refresh (quiet): Prometheus"
+                f" {r['prom_cpu_ms']:.0f} ms, client {r['client_cpu_ms']:.0f} ms;"
+                f" load average {r['load_before']:.1f} -> {r['load_after']:.1f}",
                 flush=True,
             )
     print()
     print(
         f"{'N':>3} {'text B':>8} {'OM B':>8} {'samples':>7} {'prom samples':>12}"
         f" {'prom scrape':>11} {'CPU/scrape':>10} {'refresh p50/p95':>16} {'report p50/p95':>15}"
-        f" {'quiet refresh':>14} {'quiet report p95':>16}"
+        f" {'quiet refresh':>14} {'quiet report p95':>16} {'requests':>8}"
+        f" {'CPU prom/client':>15} {'load':>10}"
     )
     for r in rows:
         print(
@@ -274,6 +311,8 @@ def main() -> None:
             f" {r['refresh_p50']:>7.0f}/{r['refresh_p95']:<4.0f}ms"
             f" {r['report_p50']:>7.0f}/{r['report_p95']:<4.0f}ms"
             f" {r['quiet_p50']:>6.0f}/{r['quiet_p95']:<4.0f}ms {r['quiet_report_p95']:>14.0f}ms"
+            f" {r['requests']:>8.0f} {r['prom_cpu_ms']:>8.0f}/{r['client_cpu_ms']:<4.0f}ms"
+            f" {r['load_before']:>4.1f}->{r['load_after']:<4.1f}"
         )
     largest = max(rows, key=lambda r: r["n"])
     for key, what in (("refresh_p95", "under load"), ("quiet_p95", "quiet")):
