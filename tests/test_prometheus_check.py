@@ -225,3 +225,16 @@ def test_check_of_a_silent_fleet_is_unknown(
     with FakePrometheusAPI(lambda q, at: []) as api:
         code, out, _ = _run(capsys, "--config", config, "check", "--prometheus", api.url)
         assert code == 3 and out.startswith("UNKNOWN - no data: no tokentop source")
+
+
+def test_a_bad_prometheus_url_for_check_is_unknown(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = _config(tmp_path, RULES)
+    for args in (
+        ("--config", config, "--prometheus", "prom:9090", "check"),
+        ("--config", config, "check", "--prometheus", "prom:9090"),
+    ):
+        code, out, _ = _run(capsys, *args)
+        assert code == 3, args
+        assert out.startswith("UNKNOWN - --prometheus") and "'prom:9090'" in out

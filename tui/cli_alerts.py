@@ -30,7 +30,14 @@ from typing import Any
 from tokentop.store.text import clean
 
 UNKNOWN = 3
-_GLOBAL_WITH_VALUE = {"--db", "--config", "--window"}
+_GLOBAL_WITH_VALUE = {
+    "--db",
+    "--config",
+    "--window",
+    "--prometheus",
+    "--export-dir",
+    "--export-format",
+}
 
 
 def _duration(value: str) -> float:
