@@ -1,11 +1,17 @@
 """One refresh of the panes over Prometheus: the same :class:`~tokentop.tui.snapshot.Snapshot`
 as :func:`~tokentop.tui.snapshot.build_snapshot`, filled from PromQL instead of the database.
 
-All the instant queries of the visible panes go out at once (the source's thread pool), and the
-two chart series beside them, so a refresh costs about the slowest query, not their sum. A query
-that fails raises :class:`~tokentop.collectors.promql.PromError`: the app shows the refresh
-error and the panes keep their last figures, going stale; nothing is shown as $0. This module
-imports no Textual.
+A refresh first asks the server's index which providers the request meter has series of (no
+samples read; without any, the usage queries leave out the counted-once lookup), then sends every
+query of the visible panes at once on the source's threads: the small ones of a family as one
+request (:data:`~tokentop.collectors.promsource.BATCHES`), and the two chart series beside them,
+so a refresh costs about its slowest request, not their sum. What is settled is not asked again:
+the window before (the Cost pane's change), today's and this month's whole hours, and a chart's
+steps older than :data:`SETTLED`. About ten requests in all (`bench/prometheus_bench.py`).
+
+A query that fails raises :class:`~tokentop.collectors.promql.PromError`: the app shows the
+refresh error and the panes keep their last figures, going stale; nothing is shown as $0. This
+module imports no Textual.
 """
 
 from __future__ import annotations
