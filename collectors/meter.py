@@ -97,6 +97,8 @@ _USAGE_EVENTS = (
     b"message_start",
     b"message_delta",
 )
+_USAGE_EVENT = re.compile(b"|".join(re.escape(e) for e in _USAGE_EVENTS))
+"""One of :data:`_USAGE_EVENTS` (searched for in the first 64 bytes of an event)."""
 
 _HOST_PROVIDERS = {
     "api.openai.com": "openai",
@@ -338,14 +340,14 @@ class Observer:
         self.exchange.body_tail = (self.exchange.body_tail + data)[-TAIL_BYTES:]
 
     def _feed_sse(self, data: bytes) -> None:
+        # On the proxy's event loop, once per chunk relayed: split in C, not line by line.
         buffer = self._line + data if self._line else data
-        start = 0
-        while True:
-            end = buffer.find(b"\n", start)
-            if end < 0:
-                break
-            line = buffer[start:end]
-            start = end + 1
+        end = buffer.rfind(b"\n")
+        if end < 0:
+            self._line = buffer if len(buffer) <= MAX_BODY_BYTES else b""
+            return
+        self._line = buffer[end + 1 :]
+        for line in buffer[:end].split(b"\n"):
             if line.endswith(b"\r"):
                 line = line[:-1]
             if not line:
@@ -353,7 +355,6 @@ class Observer:
             elif line.startswith(b"data:"):
                 value = line[5:]
                 self._data.append(value[1:] if value.startswith(b" ") else value)
-        self._line = buffer[start:]
         if len(self._line) > MAX_BODY_BYTES:  # no newline in 32 MiB: not SSE as we know it
             self._line = b""
 
@@ -362,7 +363,7 @@ class Observer:
             return
         payload = self._data[0] if len(self._data) == 1 else b"\n".join(self._data)
         self._data = []
-        if _USAGE_OBJECT.search(payload) or any(e in payload[:64] for e in _USAGE_EVENTS):
+        if _USAGE_OBJECT.search(payload) or _USAGE_EVENT.search(payload, 0, 64):
             self.exchange.events.append(payload)
         elif self._text_len < MAX_TEXT_BYTES:
             self._text_len += len(payload)

@@ -920,8 +920,14 @@ class MeteringProxy:
         parts.append(b"\r\n")
         return b"".join(parts)
 
-    async def _send(self, upstream: Upstream, head: bytes, body: bytes) -> tuple[_Conn, _Response]:
-        """Send the request and read the response head, retrying once on a stale connection."""
+    async def _send(
+        self, upstream: Upstream, head: bytes, body: bytes
+    ) -> tuple[_Conn, _Response, bytes]:
+        """Send the request and read the response head, retrying once on a stale connection.
+
+        Returns the connection, the response and the bytes read after its head (the body's
+        first bytes, which the head then goes out with: one write, one send, not two).
+        """
         for attempt in (0, 1):
             conn, reused = await self._pool.acquire(upstream, fresh=attempt > 0)
             self._active.add(conn)
@@ -930,8 +936,19 @@ class MeteringProxy:
                 conn.writer.write(head + body if len(body) < 65536 else head)
                 if len(body) >= 65536:
                     conn.writer.write(body)
+                buf = b""
                 while True:  # interim (1xx) responses are read and dropped
-                    raw = await conn.reader.readuntil(b"\r\n\r\n")
+                    end = buf.find(b"\r\n\r\n")
+                    while end < 0:
+                        if len(buf) > MAX_HEAD_BYTES:
+                            raise asyncio.LimitOverrunError("response head too large", len(buf))
+                        data = await conn.reader.read(READ_SIZE)
+                        if not data:
+                            raise asyncio.IncompleteReadError(buf, None)
+                        start = max(len(buf) - 3, 0)
+                        buf += data
+                        end = buf.find(b"\r\n\r\n", start)
+                    raw, buf = buf[: end + 4], buf[end + 4 :]
                     response = _Response()
                     try:
                         response.feed(raw)
@@ -942,7 +959,7 @@ class MeteringProxy:
                         conn.close()
                         raise _UpstreamError(f"{upstream.url} sent a malformed response")
                     if response.status >= 200:
-                        return conn, response
+                        return conn, response, buf
             except asyncio.IncompleteReadError as exc:
                 conn.close()
                 if reused and not exc.partial and not conn.timed_out:
@@ -974,7 +991,7 @@ class MeteringProxy:
         started: float,
         path: str,
     ) -> bool:
-        conn, response = await self._send(upstream, head, request.body)
+        conn, response, first = await self._send(upstream, head, request.body)
         status = response.status
         reason = response.reason
         headers = response.headers
@@ -1047,18 +1064,21 @@ class MeteringProxy:
         reusable = False
         complete = False
         try:
+            # The head goes out with the body's first bytes, in one write (one send).
             if framing == "length":
-                # The head goes out with the body's first bytes, in one write (one send).
-                reusable = await self._relay_length(conn, writer, observer, int(length), head)
+                reusable = await self._relay_length(
+                    conn, writer, observer, int(length), head, first
+                )
+            elif framing == "chunked":
+                reusable = await self._relay_chunked(
+                    conn, response, writer, observer, dechunk, head, first
+                )
+            elif framing == "close":
+                await self._relay_until_close(conn, writer, observer, head, first)
             else:
+                reusable = not first  # bytes after a bodiless response: not to be trusted
                 writer.write(head)
-                if framing == "chunked":
-                    reusable = await self._relay_chunked(conn, response, writer, observer, dechunk)
-                elif framing == "close":
-                    await self._relay_until_close(conn, writer, observer)
-                else:
-                    reusable = True
-                    await writer.drain()
+                await writer.drain()
             complete = True
         except _ClientGone:
             log.info(
@@ -1116,23 +1136,26 @@ class MeteringProxy:
         writer: asyncio.StreamWriter,
         observer: Observer | None,
         dechunk: bool,
+        head: bytes,
+        buf: bytes,
     ) -> bool:
         # llhttp follows the framing (and refuses a malformed one) while the bytes pass on as
         # they came; a read that runs past the body's end raises before it is relayed.
-        while not response.complete:
-            buf = await self._read(conn)
-            if not buf:
-                raise asyncio.IncompleteReadError(b"", None)
-            data = response.feed(buf)
+        while True:
+            data = response.feed(buf) if buf else []
             if observer is not None:
                 for part in data:
                     observer.feed(part)
-            if dechunk:
-                if data:
-                    await self._write(writer, b"".join(data))
-            else:
-                await self._write(writer, buf)
-        return True
+            out = b"".join(data) if dechunk else buf
+            if head:
+                out, head = head + out, b""
+            if out:
+                await self._write(writer, out)
+            if response.complete:
+                return True
+            buf = await self._read(conn)
+            if not buf:
+                raise asyncio.IncompleteReadError(b"", None)
 
     async def _relay_length(
         self,
@@ -1141,13 +1164,20 @@ class MeteringProxy:
         observer: Observer | None,
         length: int,
         head: bytes,
+        first: bytes,
     ) -> bool:
         """Relay a body of ``length`` bytes, ``head`` (the response head) in front of its first
-        bytes; a body cut short before its first byte still gets the head out."""
+        bytes; a body cut short before its first byte still gets the head out. ``first``: the
+        bytes read with the head. Returns whether the connection can be reused."""
+        reusable = len(first) <= length  # not when the upstream sent more than its body
+        first = first[:length]
         remaining = length
         try:
             while remaining:
-                buf = await self._read(conn, min(READ_SIZE, remaining))
+                if first:
+                    buf, first = first, b""
+                else:
+                    buf = await self._read(conn, min(READ_SIZE, remaining))
                 if not buf:
                     raise asyncio.IncompleteReadError(b"", remaining)
                 remaining -= len(buf)
@@ -1161,11 +1191,19 @@ class MeteringProxy:
                 writer.write(head)
         if length == 0:
             await writer.drain()
-        return True
+        return reusable
 
     async def _relay_until_close(
-        self, conn: _Conn, writer: asyncio.StreamWriter, observer: Observer | None
+        self,
+        conn: _Conn,
+        writer: asyncio.StreamWriter,
+        observer: Observer | None,
+        head: bytes,
+        first: bytes,
     ) -> None:
+        if observer is not None and first:
+            observer.feed(first)
+        writer.write(head + first)
         while True:
             buf = await self._read(conn)
             if not buf:

@@ -405,6 +405,23 @@ def test_chunked_response_running_past_its_end_is_cut(raw_upstream: list[RawUpst
     assert b"smuggled!" not in out
 
 
+def test_a_body_running_past_its_length_is_not_read_as_the_next_response(
+    raw_upstream: list[RawUpstream],
+) -> None:
+    # The head and the body come in one read; what follows the body is never kept for the
+    # connection's next response: the connection is not reused.
+    up = RawUpstream(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}"
+        b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nsmuggled!"
+    )
+    raw_upstream.append(up)
+    config = ProxyConfig(port=0, openai=up.url, anthropic=up.url)
+    with ProxyThread(config) as proxy, httpx.Client(base_url=proxy.url) as client:
+        answers = [client.post("/v1/chat/completions", content=BODY) for _ in range(3)]
+    assert [(r.status_code, r.content) for r in answers] == [(200, b"{}")] * 3
+    assert up.requests == 3
+
+
 def test_idle_upstream_connections_are_closed(db_path: Path) -> None:
     recorder = Recorder(db_path, BOOK, health_name="")
     with FakeUpstream() as up:
