@@ -63,8 +63,8 @@ from typing import Any, Protocol, cast
 import httpx
 
 from tokentop.collectors.base import Clock, utcnow
-from tokentop.collectors.runner import price_request
-from tokentop.pricing.book import PriceBook
+from tokentop.collectors.runner import price_request, request_cost
+from tokentop.pricing.book import PriceBook, TokenCounts
 from tokentop.pricing.tokens import LOAD_TIMEOUT_S, count_tokens, load_wait
 from tokentop.store.db import Store
 from tokentop.store.records import Batch, MeteredRequest, SourceHealth
@@ -694,7 +694,20 @@ def finalize(
             partial = Usage(input_uncached=prompt)
         output = count_tokens(streamed_text(ex), model, ex.provider).tokens
         usage = Usage(**{**_as_dict(partial), "output": max(output, partial.output)})
-    request = MeteredRequest(
+    service_tier = found.service_tier or _request_tier(ex.request_body)
+    cost: dict[str, Any] = {}
+    if book is not None:
+        counts = TokenCounts(
+            usage.input_uncached,
+            usage.cache_read,
+            usage.cache_write_5m,
+            usage.cache_write_1h,
+            usage.output,
+            usage.web_searches,
+        )
+        # Priced before the request is built, so that it is built once (as price_request would).
+        cost = request_cost(book, ex.provider, model, counts, ex.ts, service_tier)
+    return MeteredRequest(
         ts=ex.ts,
         provider=ex.provider,
         model=model,
@@ -710,9 +723,9 @@ def finalize(
         status=ex.status,
         tag=ex.tag,
         estimated=estimated,
-        service_tier=found.service_tier or _request_tier(ex.request_body),
+        service_tier=service_tier,
+        **cost,
     )
-    return price_request(book, request) if book is not None else request
 
 
 # Tags.

@@ -19,7 +19,7 @@ import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from tokentop.collectors.base import (
     Clock,
@@ -84,9 +84,39 @@ def price_usage(book: PriceBook, bucket: UsageBucket) -> UsageBucket:
 def price_request(book: PriceBook, request: MeteredRequest) -> MeteredRequest:
     """A metered request with its cost filled in at the prices in force when it was made, for
     its service tier and (long context) its input size."""
-    size = request.input_uncached + request.cache_read + request.cache_write_5m
-    tier = PriceTier(request.service_tier, request_input=size + request.cache_write_1h)
-    return _price(book, request, request.ts, tier)
+    if request.priced or request.price_ref:
+        return request
+    counts = TokenCounts(
+        request.input_uncached,
+        request.cache_read,
+        request.cache_write_5m,
+        request.cache_write_1h,
+        request.output,
+        request.web_searches,
+    )
+    cost = request_cost(
+        book, request.provider, request.model, counts, request.ts, request.service_tier
+    )
+    return dataclasses.replace(request, **cost)
+
+
+def request_cost(
+    book: PriceBook,
+    provider: str,
+    model: str,
+    counts: TokenCounts,
+    at: datetime,
+    service_tier: str,
+) -> dict[str, Any]:
+    """The fields :func:`price_request` fills in (``cost_nano``, ``priced``, ``price_ref``), for
+    a caller that builds the request with them (the meter, once per request)."""
+    tier = PriceTier(service_tier, request_input=counts.input_total)
+    quote = book.quote(provider, model, counts, at, tier)
+    return {
+        "cost_nano": usd_to_nano(quote.cost) if quote.cost is not None else 0,
+        "priced": quote.priced,
+        "price_ref": quote.price_ref,
+    }
 
 
 def price_batch(book: PriceBook, batch: Batch) -> Batch:
