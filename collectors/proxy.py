@@ -1121,9 +1121,12 @@ class MeteringProxy:
 
     @staticmethod
     async def _write(writer: asyncio.StreamWriter, data: bytes) -> None:
-        if writer.transport.is_closing():
+        transport = writer.transport
+        if transport.is_closing():
             raise _ClientGone
         writer.write(data)
+        if not transport.get_write_buffer_size() and not transport.is_closing():
+            return  # all sent: drain() would return at once (two coroutines per chunk, saved)
         try:
             await writer.drain()
         except ConnectionError:
