@@ -164,6 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", default="160x48", help="terminal size, WIDTHxHEIGHT")
     parser.add_argument("--no-live", action="store_true", help="skip the live demo collector")
     args = parser.parse_args(argv)
+    if hasattr(os, "getloadavg"):
+        one, five, _ = os.getloadavg()
+        print(f"machine: {os.cpu_count()} CPUs, load average {one:.2f} (1 min), {five:.2f} (5 min)")
     end = _dataset_end(args.db)
     width, _, height = args.size.partition("x")
     size = (int(width), int(height))
