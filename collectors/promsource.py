@@ -299,6 +299,9 @@ every usage series), and the server evaluates the batches side by side; fewer re
 client and the server less."""
 CACHE_SIZE = 64
 """Answers kept for queries evaluated at a settled time (see :meth:`PromSource.submit`)."""
+SETTLE = timedelta(minutes=5)
+"""Samples older than this have all arrived (a few scrape intervals): a query evaluated that
+long ago has a fixed answer."""
 
 
 def _batch(name: str) -> str | None:
@@ -685,29 +688,30 @@ class PromSource:
     ) -> dict[str, Query]:
         """The queries behind :meth:`fold_spend`.
 
-        Today and this month are their whole hours, asked at the hour's start (the same
-        queries all hour long: settled after a few minutes, their answers are kept, see
-        :meth:`submit`), and the hour so far: cost, requests and unpriced tokens since the
-        hour began, which is also the Spend pane's "this hour". The whole hours are read with
-        a subquery's steps, which end on the hour, so nothing of the current hour is guessed
-        from the day's average rate.
+        Today and this month are their whole hours up to the last settled one (that hour's
+        end at least :data:`SETTLE` ago: the same queries all hour long, their answers kept,
+        see :meth:`submit`), and every sample since: cost, requests and unpriced tokens, which
+        after the hour's first minutes is also the Spend pane's "this hour". The whole hours
+        are read with a subquery's steps, which end on the hour, so nothing of the current hour
+        is guessed from the day's average rate.
 
         ``known_burn``: burn windows (minutes: 5, 15, 60) whose cost the caller has already
         asked for (the panes' window when it is as long) and hands to :meth:`fold_spend`.
         """
         now = now.astimezone(UTC)
-        hour_start = now.replace(minute=0, second=0, microsecond=0)
-        day_start = hour_start.replace(hour=0)
-        month_start = day_start.replace(day=1)
+        hour_start, settled, day_start, month_start = _spend_bounds(now)
 
         def cost(start: datetime, end: datetime = now) -> Query:
             seconds = window_seconds(start, end)
             return (counted(COST, ['kind="estimated"'], seconds, (), text, meter=meter), end)
 
+        def since(prefix: str, start: datetime) -> dict[str, Query]:
+            return self.group_queries(prefix, start, now, (), text, tokens="unpriced", meter=meter)
+
         queries = {
-            **self.group_queries(
-                "spend.hour.", hour_start, now, (), text, tokens="unpriced", meter=meter
-            ),
+            **since("spend.hour.", hour_start),
+            # In an hour's first minutes the hour before is not settled yet: read with it.
+            **(since("spend.recent.", settled) if settled < hour_start else {}),
             **{
                 f"spend.burn{m}": cost(now - timedelta(minutes=m))
                 for m in BURN_MINUTES
@@ -716,12 +720,12 @@ class PromSource:
             "spend.history": (f"count({REQUESTS} offset 2h)", now),
             **self.freshness_queries(now),
         }
-        if month_start < hour_start:
-            queries["spend.month"] = cost(month_start, hour_start)
-        if day_start < hour_start:
+        if month_start < settled:
+            queries["spend.month"] = cost(month_start, settled)
+        if day_start < settled:
             queries.update(
                 self.group_queries(
-                    "spend.today.", day_start, hour_start, (), text, "counted", "unpriced",
+                    "spend.today.", day_start, settled, (), text, "counted", "unpriced",
                     meter=meter,
                 )
             )  # fmt: skip
@@ -754,10 +758,13 @@ class PromSource:
             return self.fold(answers, prefix, ()).get((), Group(Totals(), True)).totals
 
         known = burn_cost or {}
+        hour_start, settled, day_start, month_start = _spend_bounds(now)
         hour = totals("spend.hour.")
-        today = add_totals((totals("spend.today."), hour))
+        recent = totals("spend.recent.") if settled < hour_start else hour
+        # The whole hours and the rest; in a day's (month's) first minutes, only this hour.
+        today = add_totals((totals("spend.today."), recent)) if settled >= day_start else hour
         burn = {m: (known[m] if m in known else first(f"burn{m}")) * 60 / m for m in BURN_MINUTES}
-        month = first("month") + hour.cost
+        month = first("month") + recent.cost if settled >= month_start else hour.cost
         hours_left_day = Decimal((day_start + timedelta(days=1) - now).total_seconds()) / 3600
         hours_left_month = Decimal((next_month - now).total_seconds()) / 3600
         elapsed_month_h = Decimal((now - month_start).total_seconds()) / 3600
@@ -1236,6 +1243,15 @@ class PromSource:
             n = _count(r.get(t))
             out.append((from_epoch(t), _usd(c.get(t)) / n if n and t in c else None))
         return out
+
+
+def _spend_bounds(now: datetime) -> tuple[datetime, datetime, datetime, datetime]:
+    """(this hour's start, the end of the last settled whole hour, today's start, this month's
+    start) for the Spend pane's figures at ``now`` (UTC)."""
+    hour_start = now.replace(minute=0, second=0, microsecond=0)
+    settled = (now - SETTLE).replace(minute=0, second=0, microsecond=0)
+    day_start = hour_start.replace(hour=0)
+    return hour_start, settled, day_start, day_start.replace(day=1)
 
 
 def add_totals(parts: Iterable[Totals]) -> Totals:

@@ -421,3 +421,38 @@ def test_today_is_its_whole_hours_and_the_hour_so_far() -> None:
     hour_start = now.replace(minute=0).timestamp()
     # The whole hours (00:00-15:00, in 10-minute steps) asked at the hour.
     assert {at for q, at in sent if "[54000000ms:600s]" in q} == {hour_start}
+
+
+@pytest.mark.parametrize(
+    ("now", "today", "month"),
+    [
+        # 15:02: the hour before is not settled: whole hours to 14:00, then every sample.
+        (NOW.replace(hour=15, minute=2, second=0), 7 + 3, 7 + 3),
+        # 00:02 on the 31st: today is this hour only; the month's whole hours end at 23:00.
+        (NOW.replace(hour=0, minute=2, second=0), 2, 7 + 3),
+        # 00:02 on the 1st: this hour is the day and the month.
+        (datetime(2026, 1, 1, 0, 2, tzinfo=UTC), 2, 2),
+    ],
+)
+def test_in_an_hours_first_minutes_the_hour_before_is_read_with_it(
+    now: datetime, today: int, month: int
+) -> None:
+    settled = (now - timedelta(minutes=5)).replace(minute=0).timestamp()
+    recent = f"[{round((now.timestamp() - settled) * 1000)}ms]"
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        form = parse_qs(request.content.decode())
+        q, at = form["query"][0], float(form["time"][0])
+        found = []
+        for tag, name, part in _batch_parts(q) or [("", "", q)]:
+            if part.startswith("sum(") and "tokentop_cost_usd_total" in part:
+                value = "7" if at == settled else "3" if recent in part else "2"
+                found.append(({tag: name} if tag else {}, value))
+        return httpx.Response(200, json=vector(*found))
+
+    source = PromSource(client(handler))
+    try:
+        spend = source.spend_summary(now)
+    finally:
+        source.close()
+    assert (spend.hour, spend.today, spend.month) == (2, today, month)

@@ -24,6 +24,7 @@ from decimal import Decimal
 from tokentop.collectors.promql import Sample
 from tokentop.collectors.promsource import (
     BURN_MINUTES,
+    SETTLE,
     PromSource,
     Query,
     add_totals,
@@ -35,9 +36,9 @@ from tokentop.tui.snapshot import RefreshRequest, Snapshot, usage_loading
 Series = list[tuple[datetime, Decimal]]
 GpuSeries = list[tuple[datetime, Decimal | None]]
 
-SETTLED = timedelta(minutes=5)
-"""Samples older than this have all arrived (a few scrape intervals): a query evaluated that
-long ago has a fixed answer."""
+SETTLED = SETTLE
+"""Samples older than this have all arrived: a query evaluated that long ago has a fixed
+answer (:data:`~tokentop.collectors.promsource.SETTLE`)."""
 
 
 def build_prometheus_snapshot(source: PromSource, request: RefreshRequest) -> Snapshot:
