@@ -586,6 +586,19 @@ async def test_small_tables_list_what_fits_and_an_others_row_that_adds_up(tmp_pa
         assert f"{window.requests:,} req" in text_of(app, "#mix-total")
 
 
+def test_a_mix_row_summing_an_unpriced_model_keeps_its_share_of_spend() -> None:
+    from tokentop.store.queries import OTHERS, MixRow
+    from tokentop.tui.panes.model_mix import ModelMixPane
+
+    def line(row: MixRow) -> str:
+        return ModelMixPane._line("name", 8, 10, row).plain
+
+    others = MixRow("", OTHERS, Decimal("0.9"), 300, 0.073, 0.71, priced=False, others=3)
+    assert "7.3%" in line(others) and "unpriced" not in line(others)
+    alone = MixRow("acme", "ft", Decimal(0), 80, 0.0, 0.01, priced=False)
+    assert "unpriced" in line(alone)
+
+
 async def test_one_group_past_the_room_is_listed_not_summed(tmp_path: Path) -> None:
     from tokentop.store.queries import OTHERS
 

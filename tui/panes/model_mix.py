@@ -111,7 +111,9 @@ class ModelMixPane(Pane):
 
     @staticmethod
     def _line(name: str, name_w: int, bar_w: int, r: MixRow, style: str = "") -> Content:
-        if r.priced:
+        # A row that sums several models, some unpriced, still has a known share of the spend
+        # (the priced part's): only a row without any priced spend says "unpriced".
+        if r.priced or r.cost > 0:
             spend = Content.assemble(
                 (fmt.bar(r.cost_share, bar_w), "$accent on $foreground 8%"),
                 f" {fmt.pct(r.cost_share):>{PCT}}",
@@ -119,7 +121,7 @@ class ModelMixPane(Pane):
         else:
             spend = Content.styled(f"{'unpriced':<{bar_w + PCT + 1}}", "bold $warning")
         return Content.assemble(
-            (f"{name:<{name_w}} ", style if r.priced else "$warning"),
+            (f"{name:<{name_w}} ", style if r.priced or r.others else "$warning"),
             spend,
             " ",
             (fmt.bar(r.request_share, bar_w), "$secondary on $foreground 8%"),
