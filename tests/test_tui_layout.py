@@ -566,14 +566,24 @@ async def test_small_tables_list_what_fits_and_an_others_row_that_adds_up(tmp_pa
         assert sum(r.totals.requests for r in rows) == window.requests
         assert "40 models" in str(pane.query_one(".pane-info", Static).render())
         small = len(rows)
-        # More room (a zoom, a bigger terminal): the table asks for more rows.
+        # More room (a bigger terminal, then a zoom): the table asks for more rows each time.
         await pilot.resize_terminal(100, 40)
         await settle(pilot)
         await settle(pilot)
-        assert app.snapshot.request.top_n == pane.top_n
+        assert app.layout == "medium" and app.snapshot.request.top_n == pane.top_n
         rows = app.snapshot.cost_rows
         assert small < len(rows) <= table.size.height - 1 and rows[-1].key == OTHERS
         assert sum((r.totals.cost for r in rows), Decimal(0)) == window.cost
+        medium = len(rows)
+        await pilot.press("z")
+        await settle(pilot)
+        await settle(pilot)
+        assert app.zoomed == "cost" and app.snapshot.request.top_n == pane.top_n
+        rows = app.snapshot.cost_rows
+        assert medium < len(rows) <= table.size.height - 1 and rows[-1].key == OTHERS
+        assert sum((r.totals.cost for r in rows), Decimal(0)) == window.cost
+        await pilot.press("z")
+        await settle(pilot)
         # The Model mix folds the same way, its total line still the window's.
         app.active = "mix"
         await settle(pilot)

@@ -20,10 +20,11 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
-from textual import work
+from textual import events, work
 from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding, BindingType
 from textual.containers import Container
+from textual.geometry import Size
 from textual.pilot import Pilot
 from textual.reactive import reactive
 from textual.screen import Screen
@@ -376,8 +377,6 @@ class TokentopApp(App[None]):
         """(what it was made from, when, the snapshot) of the last full query."""
         self._pane_list: list[Pane] = []
         self._alert_strip: AlertStrip | None = None
-        self._room_changed = False
-        """A table's room changed while a refresh was under way: check again once it is shown."""
         self._exporting = False
         """An export is querying or writing: refreshes wait, so the SVG shows its figures."""
         self._runner_task: asyncio.Task[None] | None = None
@@ -599,11 +598,16 @@ class TokentopApp(App[None]):
             return frozenset({"spend", "cost", self._slot})
         return frozenset({self.active})
 
-    def _apply_layout(self) -> None:
-        """Show the panes that the size, the zoom and the active pane call for."""
+    def _apply_layout(self, size: Size | None = None) -> None:
+        """Show the panes that the size, the zoom and the active pane call for.
+
+        ``size``: the terminal's new size, from a resize event (Textual updates ``App.size``
+        only after the app's own ``on_resize`` has run).
+        """
         if not self._panes_ready:
             return
-        self.layout = layout_for(*self.size)
+        width, height = size or self.size
+        self.layout = layout_for(width, height)
         if self.active in TAB_PANES:
             self._slot = self.active
         shown = self.panes_for_layout()
@@ -611,14 +615,14 @@ class TokentopApp(App[None]):
         mode = "zoomed" if self.zoomed else self.layout
         for name in ("large", "medium", "compact", "zoomed"):
             grid.set_class(name == mode, f"-{name}")
-        grid.set_class(self.size.width < 100, "-stacked")
+        grid.set_class(width < 100, "-stacked")
         with self.batch_update():
             for pane in self.panes:
                 pane.display = pane.id in shown
                 pane.set_class(pane.id == self._slot, "-slot")
             footer = self.query_one(Footer)
-            footer.compact = self.size.width < 100
-            footer.show_command_palette = self.size.width >= 100  # ? lists ^p at any width
+            footer.compact = width < 100
+            footer.show_command_palette = width >= 100  # ? lists ^p at any width
             bar = self.query_one(PaneBar)
             bar.display = len(shown) < len(PANES)
             if bar.display:
@@ -629,8 +633,8 @@ class TokentopApp(App[None]):
         # A pane shown now may not have been fed yet.
         self.call_after_refresh(self._refresh_if_more_visible)
 
-    def on_resize(self) -> None:
-        self._apply_layout()
+    def on_resize(self, event: events.Resize) -> None:
+        self._apply_layout(event.size)
 
     def _on_focus_changed(self, focused: Any) -> None:
         """A click (or a dialog closing) moved the focus: that pane is the active one."""
@@ -680,12 +684,11 @@ class TokentopApp(App[None]):
             return
         if self.visible_panes() - last.panes:
             self.request_refresh()
-        elif self.table_room(last.panes) != (last.top_n, last.mix_top_n):
-            if self.refreshing():
-                # Let the refresh under way be shown (the first paint, say), then ask again.
-                self._room_changed = True
-            else:
-                self.request_refresh()
+        elif self.table_room(last.panes) != (last.top_n, last.mix_top_n) and not self.refreshing():
+            # While a refresh runs (the first paint, say) it is let be shown: the check after
+            # each snapshot is shown asks again (a request can also have been made before the
+            # layout settled).
+            self.request_refresh()
 
     def on_pane_resized(self, _message: Pane.Resized) -> None:
         self._refresh_if_more_visible()
@@ -820,9 +823,7 @@ class TokentopApp(App[None]):
         self.refresh_count += 1
         self._apply(snapshot)
         self.refresh_error = ""
-        if self._room_changed:
-            self._room_changed = False
-            self._refresh_if_more_visible()
+        self.call_after_refresh(self._refresh_if_more_visible)
         if message.for_export is not None:
             self.call_after_refresh(self._export_shown, snapshot, message.for_export)
 
