@@ -38,6 +38,16 @@ class GpuRate:
     source: str = "config"
     """Where the rate comes from (the config file, or a default's source and date)."""
 
+    def describe(self) -> dict[str, str]:
+        """The rate as a report records it: every figure as exact text."""
+        return {
+            "match": self.match,
+            "usd_per_hour": str(self.usd_per_hour),
+            "mode": self.mode,
+            "usd_per_kwh": str(self.usd_per_kwh),
+            "pue": str(self.pue),
+        }
+
 
 # On-demand US prices per GPU-hour, "neocloud" column of the suggested defaults in the research
 # notes (section 4). Public GPU prices contradict each other; these are starting points to

@@ -1124,16 +1124,7 @@ class TokentopApp(App[None]):
         self, store: Store, request: RefreshRequest, sort: tuple[str, bool]
     ) -> dict[str, str]:
         """The report of the screen's view, in each export format."""
-        rates = [
-            {
-                "match": r.match,
-                "usd_per_hour": str(r.usd_per_hour),
-                "mode": r.mode,
-                "usd_per_kwh": str(r.usd_per_kwh),
-                "pue": str(r.pue),
-            }
-            for r in self.config.gpu_rates
-        ]
+        rates = [r.describe() for r in self.config.gpu_rates]
         prices = PriceBook(self.config.pricing).describe()
         data = build_report(
             store,

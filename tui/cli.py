@@ -679,16 +679,7 @@ def _build_report(ctx: _Context, since: str) -> dict[str, Any]:
     from tokentop.store.report import build_report
 
     start, end, now = _window(ctx, since)
-    rates = [
-        {
-            "match": r.match,
-            "usd_per_hour": str(r.usd_per_hour),
-            "mode": r.mode,
-            "usd_per_kwh": str(r.usd_per_kwh),
-            "pue": str(r.pue),
-        }
-        for r in ctx.config.gpu_rates
-    ]
+    rates = [r.describe() for r in ctx.config.gpu_rates]
     store = _open_store(ctx, must_exist=True, readonly=True)
     try:
         prices = PriceBook(ctx.config.pricing).describe()

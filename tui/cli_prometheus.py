@@ -178,16 +178,7 @@ def build_report(ctx: Any, since: str) -> dict[str, Any]:
     now = utcnow()
     start = parse_since(since, now)
     source = open_source(ctx, url)
-    rates = [
-        {
-            "match": r.match,
-            "usd_per_hour": str(r.usd_per_hour),
-            "mode": r.mode,
-            "usd_per_kwh": str(r.usd_per_kwh),
-            "pue": str(r.pue),
-        }
-        for r in ctx.config.gpu_rates
-    ]
+    rates = [r.describe() for r in ctx.config.gpu_rates]
     try:
         return prometheus_report(source, start, now, rates)
     except PromError as exc:
