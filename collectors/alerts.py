@@ -54,6 +54,9 @@ _RANK = {"warning": WARNING, "critical": CRITICAL}
 _SECOND = timedelta(seconds=1)
 _WEEK = timedelta(days=7)
 SOURCES_KEY = "alert_sources"
+REPLY_LIMIT = 1_000_000
+"""Most bytes read of an Alertmanager or webhook reply: a status reply is small, and an
+endless one must not take the engine's memory."""
 """``meta`` key where the collector's alert engine lists the sources it runs (JSON)."""
 DOWN_STATES = frozenset({"error", "auth failed", "unavailable"})
 """Source states that are *down* at once (stale sources are down after ``stale_after``)."""
@@ -1089,20 +1092,25 @@ class AlertEngine:
 
         import httpx
 
+        from tokentop.collectors.http import read_capped
+
         alerts, sent = await asyncio.to_thread(self._am_batch, now)
         if not alerts:
             return
         ok = True
         for url in self.config.alertmanager_urls:
             try:
-                response = await self.client.post(am_endpoint(url), json=alerts)
-                if response.status_code >= 300:
+                async with self.client.stream("POST", am_endpoint(url), json=alerts) as response:
+                    status = response.status_code
+                    reply = await read_capped(response, REPLY_LIMIT) if status >= 300 else b""
+                if status >= 300:
                     ok = False
+                    text = (reply or b"").decode("utf-8", errors="replace")
                     log.warning(
                         "Alertmanager %s answered %d: %s",
                         redact(url),
-                        response.status_code,
-                        clean(" ".join(response.text.split())[:200]),
+                        status,
+                        clean(" ".join(text.split())[:200]) if reply is not None else "(too long)",
                     )
             except httpx.HTTPError as exc:
                 ok = False
@@ -1114,6 +1122,8 @@ class AlertEngine:
         import asyncio
 
         import httpx
+
+        from tokentop.collectors.http import read_capped
 
         items = await asyncio.to_thread(alert_store.claim_outbox, self.store, now)
         if not items:
@@ -1132,9 +1142,12 @@ class AlertEngine:
                 continue
             error = ""
             try:
-                response = await self.client.post(
-                    url, content=item.body, headers={"content-type": "application/json"}
-                )
+                async with self.client.stream(
+                    "POST", url, content=item.body, headers={"content-type": "application/json"}
+                ) as response:
+                    # Only the status matters; the body is read to keep the connection
+                    # reusable, but no more than a status reply needs.
+                    await read_capped(response, REPLY_LIMIT)
                 if response.status_code >= 300:
                     error = f"HTTP {response.status_code}"
             except httpx.HTTPError as exc:

@@ -281,6 +281,44 @@ def merge_billed(costs: list[BilledCost]) -> tuple[BilledCost, ...]:
     return tuple(merged.values())
 
 
+def _declared_over(response: httpx.Response, limit: int) -> bool:
+    declared = response.headers.get("content-length", "")
+    return declared.isdigit() and int(declared) > limit
+
+
+async def read_capped(response: httpx.Response, limit: int) -> bytes | None:
+    """The body of a streamed response, or ``None`` when it is larger than ``limit`` bytes.
+
+    Reading stops at the limit, so a huge (or endless) body never takes the process's memory
+    with it, and nothing of it is returned. Decoded bytes count, so a small compressed body
+    that inflates past the limit is refused too.
+    """
+    if _declared_over(response, limit):
+        return None
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.aiter_bytes():
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def read_capped_sync(response: httpx.Response, limit: int) -> bytes | None:
+    """:func:`read_capped` for a response of a blocking ``httpx.Client``."""
+    if _declared_over(response, limit):
+        return None
+    chunks: list[bytes] = []
+    size = 0
+    for chunk in response.iter_bytes():
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 class AdminApiCollector(ABC):
     """Base of the provider admin-API collectors: the read plan, retries and error mapping.
 
@@ -558,21 +596,9 @@ class AdminApiCollector(ABC):
         return NotFound(message) if status == 404 else SourceError(message)
 
     async def _read_body(self, response: httpx.Response) -> tuple[bytes, bool]:
-        """The body, and whether it went over the limit (then read no further: a huge page
-        must not take the collector's memory with it). Decoded bytes count, so a small
-        compressed body that inflates past the limit is refused too."""
-        limit = self._max_bytes
-        declared = response.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > limit:
-            return b"", True
-        chunks: list[bytes] = []
-        size = 0
-        async for chunk in response.aiter_bytes():
-            size += len(chunk)
-            if size > limit:
-                return b"", True
-            chunks.append(chunk)
-        return b"".join(chunks), False
+        """The body, and whether it went over the limit (see :func:`read_capped`)."""
+        content = await read_capped(response, self._max_bytes)
+        return (b"", True) if content is None else (content, False)
 
     def _error_text(self, content: bytes) -> str:
         """The server's error message from either provider's envelope, scrubbed, or ``""``."""

@@ -35,6 +35,7 @@ import httpx
 
 from tokentop.collectors.base import PollContext, SourceError, utcnow
 from tokentop.collectors.config import InferenceEndpoint
+from tokentop.collectors.http import read_capped
 from tokentop.store.records import Batch, InferenceSample
 
 Labels = tuple[tuple[str, str], ...]
@@ -291,6 +292,8 @@ class InferenceCollector:
         gpu_devices: device ids (GPU UUIDs) of the GPUs this server runs on, copied into each
             sample so that cost can be matched to traffic.
         timeout_s: seconds a scrape may take, when the client is ours.
+        max_response_mb: the largest body a scrape reads (decoded); a larger one fails the
+            scrape and nothing of it is kept.
     """
 
     kind = "prometheus"
@@ -305,6 +308,7 @@ class InferenceCollector:
         name: str | None = None,
         gpu_devices: tuple[str, ...] = (),
         timeout_s: float = 5.0,
+        max_response_mb: float = 20.0,
     ) -> None:
         self.endpoint = endpoint
         self.name = name or endpoint.name or f"inference:{urlsplit(endpoint.url).netloc}"
@@ -313,6 +317,7 @@ class InferenceCollector:
         self.calls = 0
         self.gpu_devices = gpu_devices
         self.timeout_s = timeout_s
+        self.max_response_mb = max_response_mb
         self.server_kind = endpoint.kind
         """The configured or detected kind (``""`` until detected)."""
         self._own_client = client is None
@@ -359,20 +364,30 @@ class InferenceCollector:
     async def _scrape(self) -> str:
         url = self.endpoint.url
         self.calls += 1
+        limit = round(self.max_response_mb * 1_000_000)
+        content: bytes | None = b""
         try:
-            response = await self._client.get(
-                url, headers={"Accept": "text/plain;version=0.0.4;q=0.9,*/*;q=0.1"}
-            )
+            async with self._client.stream(
+                "GET", url, headers={"Accept": "text/plain;version=0.0.4;q=0.9,*/*;q=0.1"}
+            ) as response:
+                status = response.status_code
+                if status == 200:
+                    content = await read_capped(response, limit)
         except httpx.TimeoutException:
             raise SourceError(self._line("timed out")) from None
         except httpx.HTTPError as exc:
             raise SourceError(self._line(f"cannot connect ({type(exc).__name__}: {exc})")) from None
-        if response.status_code != 200:
-            hint = _HINTS.get(self.server_kind, "") if response.status_code == 404 else ""
+        if status != 200:
+            hint = _HINTS.get(self.server_kind, "") if status == 404 else ""
+            raise SourceError(self._line(f"HTTP {status}" + (f" ({hint})" if hint else "")))
+        if content is None:
             raise SourceError(
-                self._line(f"HTTP {response.status_code}" + (f" ({hint})" if hint else ""))
+                self._line(
+                    f"response too large: more than the {self.max_response_mb:g} MB limit;"
+                    " nothing of this scrape kept"
+                )
             )
-        return response.text
+        return content.decode(response.encoding or "utf-8", errors="replace")
 
     def _sample(self, ts: datetime, seconds: float, figures: dict[str, int]) -> InferenceSample:
         return InferenceSample(

@@ -7,6 +7,7 @@ server, timeout, HTTP error, an ``"error"`` status, an unexpected shape) raises
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Mapping
@@ -18,6 +19,7 @@ from typing import Any
 import httpx
 
 from tokentop.collectors.base import SourceError
+from tokentop.collectors.http import read_capped_sync
 
 
 class PromError(SourceError):
@@ -74,6 +76,8 @@ class PromClient:
         timeout_s: timeout of one request.
         transport: injected HTTP transport (tests).
         headers: extra request headers (a tenant header for Mimir, for example).
+        max_response_mb: the largest answer read (decoded); a larger one is a query error and
+            nothing of it is used.
     """
 
     def __init__(
@@ -83,8 +87,10 @@ class PromClient:
         timeout_s: float = 10.0,
         transport: httpx.BaseTransport | None = None,
         headers: Mapping[str, str] | None = None,
+        max_response_mb: float = 20.0,
     ) -> None:
         self.url = url.rstrip("/")
+        self.max_response_mb = max_response_mb
         self._client = httpx.Client(
             base_url=self.url,
             timeout=timeout_s,
@@ -112,18 +118,29 @@ class PromClient:
 
     def _request(self, method: str, path: str, params: dict[str, str]) -> Any:
         self.calls += 1
+        limit = round(self.max_response_mb * 1_000_000)
         try:
             if method == "POST":
                 # POST (form-encoded) keeps long PromQL out of URLs and access logs.
-                response = self._client.post(path, data=params)
+                request = self._client.build_request("POST", path, data=params)
             else:
-                response = self._client.get(path, params=params)
+                request = self._client.build_request("GET", path, params=params)
+            response = self._client.send(request, stream=True)
+            try:
+                content = read_capped_sync(response, limit)
+            finally:
+                response.close()
         except httpx.TimeoutException:
             raise PromError("timed out") from None
         except httpx.HTTPError as exc:
             raise PromError(f"unreachable: {type(exc).__name__}: {exc}") from None
+        if content is None:
+            raise PromError(
+                f"HTTP {response.status_code}: answer larger than the"
+                f" {self.max_response_mb:g} MB limit; nothing of it used"
+            )
         try:
-            body = response.json()
+            body = json.loads(content)
         except ValueError:
             body = None
         if not isinstance(body, dict):

@@ -10,10 +10,12 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import threading
 import tomllib
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -793,6 +795,75 @@ async def test_a_failed_webhook_is_retried_and_delivered_once(store: Store) -> N
     assert [m["status"] for m in hooks.webhook] == ["firing"]
     assert alert_store.outbox(store) == []
     await e.aclose()
+
+
+class EndlessReplies:
+    """A local Alertmanager and webhook whose replies never end (until 200 MB): no
+    ``Content-Length``, the body runs until the client hangs up."""
+
+    def __init__(self, am_status: int) -> None:
+        self.posts: list[str] = []
+        self.written: list[int] = []
+        self.finished = threading.Semaphore(0)
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                fake.posts.append(self.path)
+                status = am_status if self.path == "/api/v2/alerts" else 200
+                written = 0
+                try:
+                    self.send_response(status)
+                    self.send_header("Connection", "close")
+                    self.end_headers()
+                    while written < 200_000_000:
+                        self.wfile.write(b"x" * 65536)
+                        written += 65536
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client stopped reading, as it should
+                fake.written.append(written)
+                fake.finished.release()
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize("am_status", [200, 503])
+async def test_endless_replies_are_read_no_further_than_a_status_needs(
+    store: Store, am_status: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake = EndlessReplies(am_status)
+    text = BUDGET_RULES.replace("http://am.test:9093", fake.url).replace(
+        "http://hooks.test/T0/B0/s3cr3t", fake.url + "/hook"
+    )
+    config = rules(text, budget_daily_usd=1)
+    e = AlertEngine(store, config, clock=Clock(NOON), client=httpx.AsyncClient(timeout=30))
+    write(store, bucket(NOON - timedelta(minutes=5), cost="2"))
+    try:
+        with caplog.at_level("WARNING"):
+            await e.tick()
+    finally:
+        await e.aclose()
+        fake.close()
+    assert sorted(fake.posts) == ["/api/v2/alerts", "/hook"]
+    for _ in fake.posts:
+        assert fake.finished.acquire(timeout=60)
+    # The client hung up long before the server ran out of body to send.
+    assert all(n < 200_000_000 for n in fake.written)
+    # Delivered: the webhook's 200 counts, however long its reply.
+    assert alert_store.outbox(store) == []
+    if am_status == 503:
+        assert "answered 503: (too long)" in caplog.text
 
 
 def test_webhook_text_escapes_outside_text() -> None:

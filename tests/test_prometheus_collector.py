@@ -238,6 +238,26 @@ async def test_wrong_configured_kind_and_not_found_hint(make: Make, clock: Manua
         assert "HTTP 404 (llama-server serves metrics only with --metrics)" in info.value.message
 
 
+@pytest.mark.parametrize("declared", [True, False], ids=["content-length", "until-close"])
+async def test_too_large_scrape_is_refused_and_nothing_kept(
+    make: Make, clock: ManualClock, declared: bool
+) -> None:
+    with MetricsServer("vllm", models=MODELS) as server:
+        collector = make(server.url, max_response_mb=0.2)
+        await scrape(collector, clock)
+        server.advance(3, prompt_tokens=30, generation_tokens=20)
+        server.flood_bytes, server.flood_length = 5_000_000, declared
+        with pytest.raises(SourceError) as info:
+            await collector.poll(ctx(clock))
+        message = info.value.message
+        assert message.startswith(server.url + ": response too large")
+        assert "0.2 MB limit" in message and "\n" not in message
+        server.flood_bytes = None
+        # The refused scrape set no baseline: the next one counts the whole advance.
+        sample = await scrape(collector, clock)
+        assert (sample.requests, sample.prompt_tokens, sample.generation_tokens) == (6, 60, 40)
+
+
 async def test_timeout(make: Make, clock: ManualClock) -> None:
     with MetricsServer("vllm") as server:
         server.delay_s = 5

@@ -16,7 +16,7 @@ from urllib.parse import parse_qs
 import httpx
 import pytest
 
-from tests.fakes.prometheus_api import _batch_parts
+from tests.fakes.prometheus_api import FakePrometheusAPI, _batch_parts
 from tests.fakes.prometheus_server import free_port
 from tokentop.collectors.config import ConfigError, parse_config
 from tokentop.collectors.promql import PromClient, PromError
@@ -125,6 +125,26 @@ def test_every_failure_is_a_source_error(response: httpx.Response) -> None:
             build_prometheus_snapshot(source, RefreshRequest(seq=1, now=NOW, window="1h"))
     finally:
         source.close()
+
+
+@pytest.mark.parametrize("declared", [True, False], ids=["content-length", "until-close"])
+def test_a_too_large_answer_is_a_source_error_naming_the_limit(declared: bool) -> None:
+    with FakePrometheusAPI(lambda _q, _at: [({"model": "m"}, 1.0)]) as fake:
+        source = PromSource(PromClient(fake.url, max_response_mb=0.2))
+        try:
+            fake.flood_bytes, fake.flood_length = 5_000_000, declared
+            with pytest.raises(PromError) as info:
+                source.client.query("sum(x)", NOW)
+            assert "larger than the 0.2 MB limit" in info.value.message
+            with pytest.raises(PromError, match=r"0\.2 MB limit"):
+                prometheus_report(source, NOW.replace(minute=0), NOW)
+            with pytest.raises(PromError, match=r"0\.2 MB limit"):
+                build_prometheus_snapshot(source, RefreshRequest(seq=1, now=NOW, window="1h"))
+            fake.flood_bytes = None
+            (sample,) = source.client.query("sum(x)", NOW)
+            assert (sample.labels, sample.value) == ({"model": "m"}, Decimal(1))
+        finally:
+            source.close()
 
 
 def test_totals_fold_costs_tokens_and_unpriced() -> None:

@@ -62,6 +62,10 @@ class MetricsServer:
         status: the HTTP status to answer (200).
         body: if not ``None``, served as is instead of the metrics.
         delay_s: seconds to wait before answering.
+        flood_bytes: if not ``None``, the metrics followed by comment lines up to this many
+            bytes (a body too large to read).
+        flood_length: whether a flood declares its ``Content-Length``; without one it ends when
+            the connection closes.
         scrapes: requests served so far.
     """
 
@@ -81,6 +85,8 @@ class MetricsServer:
         self.status = 200
         self.body: str | None = None
         self.delay_s = 0.0
+        self.flood_bytes: int | None = None
+        self.flood_length = True
         self.scrapes = 0
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -394,6 +400,8 @@ def _handler(server: MetricsServer) -> type[BaseHTTPRequestHandler]:
                 server._stopping.wait(server.delay_s)
             if self.path.split("?")[0] != "/metrics":
                 self._send(404, "not found\n")
+            elif server.flood_bytes is not None:
+                self._flood(server.render().encode(), server.flood_bytes, server.flood_length)
             elif server.body is not None:
                 self._send(server.status, server.body)
             else:
@@ -409,6 +417,27 @@ def _handler(server: MetricsServer) -> type[BaseHTTPRequestHandler]:
                 self.wfile.write(data)
             except (BrokenPipeError, ConnectionResetError):
                 pass  # the client gave up (a timeout test)
+
+        def _flood(self, head: bytes, size: int, declared: bool) -> None:
+            line = b"# " + b"x" * 1021 + b"\n"
+            tail = b"# end\n"
+            lines = max(0, size - len(head) - len(tail)) // len(line)
+            try:
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+                if declared:
+                    length = len(head) + lines * len(line) + len(tail)
+                    self.send_header("Content-Length", str(length))
+                else:
+                    self.send_header("Connection", "close")
+                    self.close_connection = True
+                self.end_headers()
+                self.wfile.write(head)
+                for _ in range(lines):
+                    self.wfile.write(line)
+                self.wfile.write(tail)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the client stopped reading at its limit
 
         def log_message(self, format: str, *args: object) -> None:
             pass

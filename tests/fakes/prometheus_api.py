@@ -36,6 +36,12 @@ class FakePrometheusAPI:
         answer: the instant queries' samples (a range query repeats them at every step).
         labels: label names of the usage series (``/api/v1/labels``).
         label_values: values per label name (``/api/v1/label/<name>/values``).
+
+    Attributes:
+        flood_bytes: if not ``None``, every query is answered with a valid answer of about this
+            many bytes (a label padded out): an answer too large to read.
+        flood_length: whether a flood declares its ``Content-Length``; without one it ends when
+            the connection closes.
     """
 
     def __init__(
@@ -49,6 +55,8 @@ class FakePrometheusAPI:
         self.labels = list(labels)
         self.label_values = label_values or {}
         self.requests: list[tuple[str, dict[str, list[str]]]] = []
+        self.flood_bytes: int | None = None
+        self.flood_length = True
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -63,9 +71,31 @@ class FakePrometheusAPI:
                 self.end_headers()
                 self.wfile.write(data)
 
+            def _flood(self, size: int, declared: bool) -> None:
+                result = [{"metric": {"pad": "x" * size}, "value": [0, "1"]}]
+                data = json.dumps(
+                    {"status": "success", "data": {"resultType": "vector", "result": result}}
+                ).encode()
+                try:
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    if declared:
+                        self.send_header("Content-Length", str(len(data)))
+                    else:
+                        self.send_header("Connection", "close")
+                        self.close_connection = True
+                    self.end_headers()
+                    for at in range(0, len(data), 65536):
+                        self.wfile.write(data[at : at + 65536])
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client stopped reading at its limit
+
             def _serve(self, params: dict[str, list[str]]) -> None:
                 path = urlsplit(self.path).path
                 fake.requests.append((path, params))
+                if fake.flood_bytes is not None:
+                    self._flood(fake.flood_bytes, fake.flood_length)
+                    return
                 try:
                     self._reply({"status": "success", "data": fake.data(path, params)})
                 except Exception as exc:  # a bad query in a test: an API error, as Prometheus
