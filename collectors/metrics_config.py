@@ -13,6 +13,7 @@ API) to read the fleet from instead of the local database::
     [prometheus]
     url = "http://prometheus.internal:9090"
     timeout_s = 10
+    max_response_mb = 20    # a larger query answer is an error (streamed, read no further)
     gpu_metrics = "auto"    # "tokentop", "external" (DCGM + vLLM/SGLang/TGI) or "auto"
 
 Kept apart from :mod:`.config` (as :mod:`.alert_config` is) so that the exporter and the
@@ -76,6 +77,8 @@ class PrometheusConfig:
     """Base URL (``http://host:9090``); empty means the local database is the source."""
     timeout_s: float = 10.0
     """Timeout of one query."""
+    max_response_mb: float = 20.0
+    """The largest query answer read (decoded, MB); a larger one is a query error."""
     gpu_metrics: str = "auto"
     """Where GPU cost and inferences come from: tokentop's own metrics, the DCGM exporter and
     inference servers' metrics priced with the ``[[gpu]]`` rates (``external``), or ``auto``:
@@ -131,7 +134,7 @@ def parse_prometheus(raw: Any, where: str) -> PrometheusConfig:
     if not isinstance(raw, dict):
         raise MetricsConfigError(f"{where}: prometheus must be a table, got {raw!r}")
     for key in raw:
-        if key not in ("url", "timeout_s", "gpu_metrics"):
+        if key not in ("url", "timeout_s", "max_response_mb", "gpu_metrics"):
             raise MetricsConfigError(f"{where}: unknown setting {'prometheus.' + key!r}")
     url = check_url(raw["url"], f"{where}: prometheus.url") if "url" in raw else ""
     timeout = raw.get("timeout_s", 10.0)
@@ -144,9 +147,20 @@ def parse_prometheus(raw: Any, where: str) -> PrometheusConfig:
         raise MetricsConfigError(
             f"{where}: prometheus.timeout_s must be a positive number, got {timeout!r}"
         )
+    max_mb = raw.get("max_response_mb", 20.0)
+    if (
+        isinstance(max_mb, bool)
+        or not isinstance(max_mb, int | float)
+        or not 0.01 <= max_mb <= 4096
+    ):
+        raise MetricsConfigError(
+            f"{where}: prometheus.max_response_mb must be from 0.01 to 4096, got {max_mb!r}"
+        )
     gpu = raw.get("gpu_metrics", "auto")
     if gpu not in GPU_METRICS:
         raise MetricsConfigError(
             f"{where}: prometheus.gpu_metrics must be one of {', '.join(GPU_METRICS)}, got {gpu!r}"
         )
-    return PrometheusConfig(url=url, timeout_s=float(timeout), gpu_metrics=gpu)
+    return PrometheusConfig(
+        url=url, timeout_s=float(timeout), max_response_mb=float(max_mb), gpu_metrics=gpu
+    )

@@ -182,9 +182,18 @@ def test_config_tables() -> None:
     config = parse_config(
         {
             "metrics": {"port": 9464, "labels": ["api_key", "model"]},
-            "prometheus": {"url": "http://prom:9090/", "gpu_metrics": "external"},
+            "prometheus": {
+                "url": "http://prom:9090/",
+                "gpu_metrics": "external",
+                "max_response_mb": 0.5,
+            },
         }
     )
+    assert config.prometheus.max_response_mb == 0.5
+    assert parse_config({"prometheus": {}}).prometheus.max_response_mb == 20.0
+    for bad in (0, -1, 5000, "big", True):
+        with pytest.raises(ConfigError, match=r"prometheus\.max_response_mb must be from"):
+            parse_config({"prometheus": {"url": "http://prom:9090", "max_response_mb": bad}})
     assert config.metrics.port == 9464
     assert config.metrics.usage_labels == ("source", "provider", "model", "api_key")
     assert config.prometheus.url == "http://prom:9090"

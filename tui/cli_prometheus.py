@@ -114,11 +114,15 @@ def prometheus_url(ctx: Any) -> str:
 
 def open_source(ctx: Any, url: str) -> Any:
     """A :class:`~tokentop.collectors.promsource.PromSource` on ``url`` with the config's
-    timeout, GPU rates and GPU metrics (the caller closes it)."""
+    timeout, answer size limit, GPU rates and GPU metrics (the caller closes it)."""
     from tokentop.collectors.promql import PromClient
     from tokentop.collectors.promsource import PromSource
 
-    client = PromClient(url, timeout_s=ctx.config.prometheus.timeout_s)
+    client = PromClient(
+        url,
+        timeout_s=ctx.config.prometheus.timeout_s,
+        max_response_mb=ctx.config.prometheus.max_response_mb,
+    )
     return PromSource(
         client,
         gpu_rates=ctx.config.gpu_rates,
