@@ -88,6 +88,8 @@ class InferenceEndpoint:
     gpus: tuple[int, ...] = ()
     """GPU indices it runs on; empty means all."""
     name: str = ""
+    max_response_mb: float = 20.0
+    """The largest ``/metrics`` body a scrape reads (decoded, MB); a larger one fails it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -470,7 +472,7 @@ def _gpu_rate(raw: dict[str, Any], where: str) -> GpuRate:
 
 
 def _endpoint(raw: dict[str, Any], where: str) -> InferenceEndpoint:
-    _known(raw, {"url", "kind", "gpus", "name"}, "inference", where)
+    _known(raw, {"url", "kind", "gpus", "name", "max_response_mb"}, "inference", where)
     url = raw.get("url")
     if not isinstance(url, str) or not url.startswith(("http://", "https://")):
         raise ConfigError(f"{where}: inference.url must be an http(s) URL, got {url!r}")
@@ -484,8 +486,18 @@ def _endpoint(raw: dict[str, Any], where: str) -> InferenceEndpoint:
         raise ConfigError(
             f"{where}: inference.kind {kind!r} is not one of vllm, sglang, tgi, llamacpp, triton"
         )
+    max_mb = _positive(raw, "max_response_mb", where, 20.0, "inference.")
+    if not 0.01 <= max_mb <= 4096:
+        raise ConfigError(
+            f"{where}: inference.max_response_mb must be from 0.01 to 4096,"
+            f" got {raw['max_response_mb']!r}"
+        )
     return InferenceEndpoint(
-        url=url, kind=kind, gpus=tuple(gpus), name=_str(raw, "name", where, "", "inference.")
+        url=url,
+        kind=kind,
+        gpus=tuple(gpus),
+        name=_str(raw, "name", where, "", "inference."),
+        max_response_mb=max_mb,
     )
 
 

@@ -293,7 +293,7 @@ class InferenceCollector:
             sample so that cost can be matched to traffic.
         timeout_s: seconds a scrape may take, when the client is ours.
         max_response_mb: the largest body a scrape reads (decoded); a larger one fails the
-            scrape and nothing of it is kept.
+            scrape and nothing of it is kept. Defaults to the endpoint's ``max_response_mb``.
     """
 
     kind = "prometheus"
@@ -308,7 +308,7 @@ class InferenceCollector:
         name: str | None = None,
         gpu_devices: tuple[str, ...] = (),
         timeout_s: float = 5.0,
-        max_response_mb: float = 20.0,
+        max_response_mb: float | None = None,
     ) -> None:
         self.endpoint = endpoint
         self.name = name or endpoint.name or f"inference:{urlsplit(endpoint.url).netloc}"
@@ -317,7 +317,9 @@ class InferenceCollector:
         self.calls = 0
         self.gpu_devices = gpu_devices
         self.timeout_s = timeout_s
-        self.max_response_mb = max_response_mb
+        self.max_response_mb = (
+            max_response_mb if max_response_mb is not None else endpoint.max_response_mb
+        )
         self.server_kind = endpoint.kind
         """The configured or detected kind (``""`` until detected)."""
         self._own_client = client is None

@@ -81,6 +81,7 @@ name = "llama"
 
 [[inference]]
 url = "https://gpu-box.internal:9400/metrics"
+max_response_mb = 0.5
 """
 
 
@@ -136,7 +137,7 @@ def test_full_example_parses(tmp_path: Path) -> None:
     )
     assert c.inference == (
         InferenceEndpoint("http://127.0.0.1:8000/metrics", "vllm", (0, 1), "llama"),
-        InferenceEndpoint("https://gpu-box.internal:9400/metrics"),
+        InferenceEndpoint("https://gpu-box.internal:9400/metrics", max_response_mb=0.5),
     )
 
 
@@ -278,6 +279,10 @@ BAD: list[tuple[str, str]] = [
     (
         "[[inference]]\nurl = 'http://127.0.0.1'\ngpus = [true]",
         "inference.gpus must be a list of GPU indices, got [True]",
+    ),
+    (
+        "[[inference]]\nurl = 'http://127.0.0.1'\nmax_response_mb = 9000",
+        "inference.max_response_mb must be from 0.01 to 4096, got 9000",
     ),
     (
         "[[inference]]\nurl = 'http://127.0.0.1'\nkind = 'ollama'",

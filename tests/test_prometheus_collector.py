@@ -243,7 +243,10 @@ async def test_too_large_scrape_is_refused_and_nothing_kept(
     make: Make, clock: ManualClock, declared: bool
 ) -> None:
     with MetricsServer("vllm", models=MODELS) as server:
-        collector = make(server.url, max_response_mb=0.2)
+        collector = InferenceCollector(
+            InferenceEndpoint(url=server.url, max_response_mb=0.2), clock=clock.now
+        )
+        assert collector.max_response_mb == 0.2  # the [[inference]] setting
         await scrape(collector, clock)
         server.advance(3, prompt_tokens=30, generation_tokens=20)
         server.flood_bytes, server.flood_length = 5_000_000, declared
@@ -256,6 +259,7 @@ async def test_too_large_scrape_is_refused_and_nothing_kept(
         # The refused scrape set no baseline: the next one counts the whole advance.
         sample = await scrape(collector, clock)
         assert (sample.requests, sample.prompt_tokens, sample.generation_tokens) == (6, 60, 40)
+        await collector.aclose()
 
 
 async def test_timeout(make: Make, clock: ManualClock) -> None:
