@@ -25,6 +25,7 @@ import logging
 import math
 import socket
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
@@ -171,7 +172,7 @@ class NotAvailable(Exception):
     """A figure the rules' source cannot give (the rule is UNKNOWN, with this reason)."""
 
 
-class Figures:
+class Figures(ABC):
     """What the rules read, memoised for one evaluation (rules share today's spend and the
     burn). :class:`StoreFigures` reads the database; ``tokentop check --prometheus`` reads a
     fleet through :class:`tokentop.collectors.prom_check.PromFigures`. A figure a source cannot
@@ -195,43 +196,43 @@ class Figures:
         cost = self.spend(self.now - timedelta(seconds=window_s), self.end, scope).cost
         return cost * 3600 / Decimal(window_s)
 
+    @abstractmethod
     def read_spend(self, start: datetime, end: datetime, scope: Mapping[str, str]) -> aq.Spend:
         """As :func:`tokentop.store.alert_queries.spend`."""
-        raise NotImplementedError
 
+    @abstractmethod
     def has_usage_before(self, when: datetime, *, inclusive: bool = False) -> bool:
         """Whether usage was recorded before ``when`` (at or before, ``inclusive``)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def source_health(self) -> list[SourceHealth]:
         """Every source's health."""
-        raise NotImplementedError
 
+    @abstractmethod
     def unpriced_tokens(
         self, start: datetime, end: datetime, scope: Mapping[str, str]
     ) -> dict[tuple[str, str], int]:
         """As :func:`tokentop.store.alert_queries.unpriced_tokens`."""
-        raise NotImplementedError
 
+    @abstractmethod
     def first_seen(
         self, dimension: str, since: datetime, scope: Mapping[str, str]
     ) -> dict[str, datetime]:
         """As :func:`tokentop.store.alert_queries.first_seen`."""
-        raise NotImplementedError
 
+    @abstractmethod
     def spend_by(
         self, start: datetime, end: datetime, group: str, scope: Mapping[str, str]
     ) -> dict[str, aq.Spend]:
         """As :func:`tokentop.store.alert_queries.spend_by`."""
-        raise NotImplementedError
 
+    @abstractmethod
     def has_gpu_data(self, since: datetime) -> bool:
         """Whether any GPU sample is newer than ``since``."""
-        raise NotImplementedError
 
+    @abstractmethod
     def gpu_idle_cost(self, start: datetime, end: datetime) -> Decimal:
         """Cost of idle GPU time in ``[start, end)``."""
-        raise NotImplementedError
 
 
 class StoreFigures(Figures):
