@@ -20,8 +20,9 @@ import threading
 import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import TracebackType
 from typing import ClassVar
+
+from tests.fakes.served import ServedInThread
 
 KINDS = ("vllm", "sglang", "tgi", "llamacpp", "triton")
 
@@ -48,7 +49,7 @@ class _Model:
     created: float = field(default_factory=time.time)
 
 
-class MetricsServer:
+class MetricsServer(ServedInThread):
     """A threaded HTTP server on ``127.0.0.1`` serving one kind's ``/metrics``.
 
     Args:
@@ -93,7 +94,6 @@ class MetricsServer:
         self._last = time.monotonic()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
         self._server.daemon_threads = True
-        self._thread: threading.Thread | None = None
 
     @property
     def url(self) -> str:
@@ -101,28 +101,9 @@ class MetricsServer:
         host, port = self._server.server_address[:2]
         return f"http://{host!s}:{port}/metrics"
 
-    def start(self) -> MetricsServer:
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
-        )
-        self._thread.start()
-        return self
-
     def stop(self) -> None:
         self._stopping.set()
-        self._server.shutdown()
-        self._server.server_close()
-
-    def __enter__(self) -> MetricsServer:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
+        super().stop()
 
     def advance(
         self,

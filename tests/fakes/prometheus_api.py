@@ -17,18 +17,18 @@ from __future__ import annotations
 
 import json
 import re
-import threading
 from collections.abc import Callable, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import TracebackType
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
+
+from tests.fakes.served import ServedInThread
 
 Answer = Callable[[str, float], Sequence[tuple[dict[str, str], float]]]
 """PromQL and evaluation time (Unix seconds) -> the samples of the answer."""
 
 
-class FakePrometheusAPI:
+class FakePrometheusAPI(ServedInThread):
     """``/api/v1/query``, ``/api/v1/query_range``, ``/api/v1/labels`` and
     ``/api/v1/label/<name>/values``, answered by ``answer`` and the label tables.
 
@@ -111,7 +111,6 @@ class FakePrometheusAPI:
                 self._serve(parse_qs(self.rfile.read(length).decode()))
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._thread: threading.Thread | None = None
 
     @property
     def url(self) -> str:
@@ -159,28 +158,6 @@ class FakePrometheusAPI:
         for tag, name, inner in parts:
             out += [({**labels, tag: name}, value) for labels, value in self.answer(inner, at)]
         return out
-
-    def start(self) -> FakePrometheusAPI:
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
-        )
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-
-    def __enter__(self) -> FakePrometheusAPI:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 _TAGGED = re.compile(r'^label_replace\((.*), "([a-z_]+)", "([^"]*)", "", ""\)$', re.S)
