@@ -1059,33 +1059,25 @@ class AlertEngine:
                 )
                 if not due:
                     continue
-                alerts.append(am_alert(s, instance=self.instance, extra=extra, ends_at=ends))
-                if s.am_severity and s.am_severity != s.severity:
-                    # The label set Alertmanager knows ends now; the new one takes over.
-                    alerts.append(
-                        am_alert(
-                            s,
-                            instance=self.instance,
-                            extra=extra,
-                            ends_at=now,
-                            severity=s.am_severity,
-                        )
-                    )
-                sent.append((s.rule, s.key, s.severity))
+                # A firing alert's old label set ends now; the new one takes over.
+                ends_at, old_ends_at = ends, now
             elif s.state == "resolved":
-                ended = s.resolved_at or now
-                alerts.append(am_alert(s, instance=self.instance, extra=extra, ends_at=ended))
-                if s.am_severity and s.am_severity != s.severity:
-                    alerts.append(
-                        am_alert(
-                            s,
-                            instance=self.instance,
-                            extra=extra,
-                            ends_at=ended,
-                            severity=s.am_severity,
-                        )
+                ends_at = old_ends_at = s.resolved_at or now
+            else:
+                continue
+            alerts.append(am_alert(s, instance=self.instance, extra=extra, ends_at=ends_at))
+            if s.am_severity and s.am_severity != s.severity:
+                # The label set Alertmanager knows, under the severity it was last sent.
+                alerts.append(
+                    am_alert(
+                        s,
+                        instance=self.instance,
+                        extra=extra,
+                        ends_at=old_ends_at,
+                        severity=s.am_severity,
                     )
-                sent.append((s.rule, s.key, s.severity))
+                )
+            sent.append((s.rule, s.key, s.severity))
         return alerts, sent
 
     async def _alertmanager(self, now: datetime) -> None:
