@@ -1112,7 +1112,7 @@ class PromSource:
             max(0.0, (end - start).total_seconds()),
             label="endpoint",
         )
-        return _overview(devices, endpoints, end)
+        return GpuOverview.of(devices, endpoints, until=end)
 
     def _endpoints(
         self,
@@ -1216,7 +1216,7 @@ class PromSource:
             prompt=answers["ext.prompt"],
             generation=answers["ext.generation"],
         )
-        return _overview(devices, endpoints, end)
+        return GpuOverview.of(devices, endpoints, until=end)
 
     def gpu_series(
         self, start: datetime, end: datetime, step: int, settled: datetime | None = None
@@ -1264,20 +1264,6 @@ def add_totals(parts: Iterable[Totals]) -> Totals:
 
 def _when(value: Decimal | None) -> datetime | None:
     return None if value is None else from_epoch(float(value))
-
-
-def _overview(devices: list[GpuDevice], endpoints: list[Endpoint], end: datetime) -> GpuOverview:
-    newest = max((d.last_seen for d in devices if d.last_seen), default=None)
-    return GpuOverview(
-        devices=devices,
-        endpoints=endpoints,
-        cost=sum((d.cost for d in devices), Decimal(0)),
-        idle_cost=sum((d.idle_cost for d in devices), Decimal(0)),
-        inferences=sum(e.requests for e in endpoints),
-        prompt_tokens=sum(e.prompt_tokens for e in endpoints),
-        generation_tokens=sum(e.generation_tokens for e in endpoints),
-        newest=None if newest is None else min(newest, end),
-    )
 
 
 def _age(now: datetime, then: datetime) -> str:

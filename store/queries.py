@@ -889,6 +889,30 @@ class GpuOverview:
         tokens = self.prompt_tokens + self.generation_tokens
         return self.cost * 1_000_000 / tokens if tokens else None
 
+    @classmethod
+    def of(
+        cls,
+        devices: list[GpuDevice],
+        endpoints: list[Endpoint],
+        *,
+        until: datetime | None = None,
+    ) -> GpuOverview:
+        """The overview of ``devices`` and ``endpoints``: their sums, and as ``newest`` the
+        latest device sample, no later than ``until`` when given."""
+        newest = max((d.last_seen for d in devices if d.last_seen), default=None)
+        if newest is not None and until is not None:
+            newest = min(newest, until)
+        return cls(
+            devices=devices,
+            endpoints=endpoints,
+            cost=sum((d.cost for d in devices), Decimal(0)),
+            idle_cost=sum((d.idle_cost for d in devices), Decimal(0)),
+            inferences=sum(e.requests for e in endpoints),
+            prompt_tokens=sum(e.prompt_tokens for e in endpoints),
+            generation_tokens=sum(e.generation_tokens for e in endpoints),
+            newest=newest,
+        )
+
 
 def gpu_overview(store: Store, start: datetime, end: datetime) -> GpuOverview:
     """Per-GPU and per-endpoint cost, inferences and the fully loaded $/inference."""
@@ -956,17 +980,7 @@ def gpu_overview(store: Store, start: datetime, end: datetime) -> GpuOverview:
         Endpoint(r[0], r[1], r[2] or "", r[3] or 0, r[4] or 0, r[5] or 0, (r[6] or 0) / 1000)
         for r in rows
     ]
-    newest = max((d.last_seen for d in devices if d.last_seen), default=None)
-    return GpuOverview(
-        devices=devices,
-        endpoints=endpoints,
-        cost=sum((d.cost for d in devices), Decimal(0)),
-        idle_cost=sum((d.idle_cost for d in devices), Decimal(0)),
-        inferences=sum(e.requests for e in endpoints),
-        prompt_tokens=sum(e.prompt_tokens for e in endpoints),
-        generation_tokens=sum(e.generation_tokens for e in endpoints),
-        newest=newest,
-    )
+    return GpuOverview.of(devices, endpoints)
 
 
 def gpu_series(
