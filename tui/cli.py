@@ -539,10 +539,16 @@ def _collect(ctx: _Context) -> int:
     # The price book loads before the lock is taken: the first heartbeat follows soon after.
     book = PriceBook(ctx.config.pricing)
     store = _open_store(ctx, must_exist=False)
+    signalled: list[int] = []
     if not ctx.args.once:
-        other = _lock_for_collect(store, ctx.db_path)
+        # From here a SIGINT or SIGTERM is noted, not acted on: it ends a wait for the lock, and
+        # once the lock is held the runner stops at once, in order (it lets the lock go).
+        _defer_stop_signals(signalled)
+        other = _lock_for_collect(store, ctx.db_path, signalled)
         if other is not None:
             store.close()
+            if signalled:
+                return 128 + signalled[0]
             print(
                 f"tokentop: error: another collector (pid {other}) is already writing "
                 f"{ctx.db_path}; stop it first",
@@ -589,7 +595,7 @@ def _collect(ctx: _Context) -> int:
             return FAILURE if failed else 0
         import asyncio
 
-        asyncio.run(_run_until_signal(runner))
+        asyncio.run(_run_until_signal(runner, signalled))
         if runner.lost_to is not None:
             print(
                 f"tokentop: error: collector pid {runner.lost_to.pid} took {ctx.db_path} over;"
@@ -604,12 +610,12 @@ def _collect(ctx: _Context) -> int:
         store.close()
 
 
-def _lock_for_collect(store: Any, db_path: Path) -> int | None:
+def _lock_for_collect(store: Any, db_path: Path, signalled: Sequence[int] = ()) -> int | None:
     """Take the file's collector lock; ``None`` once held, else the pid that keeps it.
 
     A headless collector that holds it keeps it. A viewer that collects (role ``tui``) is asked
     to hand over, and this waits (at most :data:`HANDOVER_WAIT_S`) until its last poll has landed
-    and it has let go: never two writers.
+    and it has let go: never two writers. A signal noted in ``signalled`` ends the wait.
     """
     import time
 
@@ -631,7 +637,12 @@ def _lock_for_collect(store: Any, db_path: Path) -> int | None:
     request_handover(store, utcnow())
     try:
         deadline = time.monotonic() + HANDOVER_WAIT_S
-        while other is not None and other.role == "tui" and time.monotonic() < deadline:
+        while (
+            other is not None
+            and other.role == "tui"
+            and time.monotonic() < deadline
+            and not signalled
+        ):
             time.sleep(0.25)
             other = acquire_collector(store, utcnow())
     finally:
@@ -639,12 +650,26 @@ def _lock_for_collect(store: Any, db_path: Path) -> int | None:
     return None if other is None else other.pid
 
 
-async def _run_until_signal(runner: Any) -> None:
+def _defer_stop_signals(signalled: list[int]) -> None:
+    """Note SIGINT and SIGTERM in ``signalled`` instead of acting on them, until
+    :func:`_run_until_signal` hands them to the runner."""
+
+    def note(signum: int, _frame: object) -> None:
+        signalled.append(signum)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, note)
+
+
+async def _run_until_signal(runner: Any, signalled: Sequence[int] = ()) -> None:
+    """Run ``runner`` until SIGINT or SIGTERM (one already noted stops it at once)."""
     import asyncio
 
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, runner.stop)
+    if signalled:
+        runner.stop()
     await runner.run()
 
 
