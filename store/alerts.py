@@ -387,6 +387,19 @@ def drop_resolved(store: Store) -> None:
             conn.execute("DELETE FROM alert_state WHERE state = 'resolved'")
 
 
+def _outbox_item(row: sqlite3.Row, *, attempts: int) -> OutboxItem:
+    return OutboxItem(
+        id=row["id"],
+        created_at=from_epoch(row["created_at"]),
+        channel=row["channel"],
+        target=row["target"],
+        body=row["body"],
+        attempts=attempts,
+        next_at=from_epoch(row["next_at"]),
+        last_error=row["last_error"],
+    )
+
+
 def claim_outbox(
     store: Store, now: datetime, lease_s: int = 120, limit: int = 50
 ) -> list[OutboxItem]:
@@ -405,19 +418,8 @@ def claim_outbox(
             "UPDATE alert_outbox SET next_at = ?, attempts = attempts + 1 WHERE id = ?",
             [(to_epoch(now) + lease_s, r["id"]) for r in rows],
         )
-    return [
-        OutboxItem(
-            id=r["id"],
-            created_at=from_epoch(r["created_at"]),
-            channel=r["channel"],
-            target=r["target"],
-            body=r["body"],
-            attempts=r["attempts"] + 1,
-            next_at=from_epoch(r["next_at"]),
-            last_error=r["last_error"],
-        )
-        for r in rows
-    ]
+    # The rows were read before the lease counted the attempt it starts.
+    return [_outbox_item(r, attempts=r["attempts"] + 1) for r in rows]
 
 
 def outbox_done(store: Store, item_id: int) -> None:
@@ -440,15 +442,6 @@ def outbox(store: Store) -> list[OutboxItem]:
     if not _exists(store, "alert_outbox"):
         return []
     return [
-        OutboxItem(
-            id=r["id"],
-            created_at=from_epoch(r["created_at"]),
-            channel=r["channel"],
-            target=r["target"],
-            body=r["body"],
-            attempts=r["attempts"],
-            next_at=from_epoch(r["next_at"]),
-            last_error=r["last_error"],
-        )
+        _outbox_item(r, attempts=r["attempts"])
         for r in store.query("SELECT * FROM alert_outbox ORDER BY id")
     ]
