@@ -192,6 +192,28 @@ def _count(conn: sqlite3.Connection, lo: int, hi: int) -> int:
     return int(row.fetchone()[0])
 
 
+def _advance(
+    conn: sqlite3.Connection, meta: dict[str, int], cursor_key: str, before_key: str, to: int
+) -> None:
+    """Move a level's cursor to ``to``, and its horizon with it (a horizon never moves back)."""
+    _set(conn, {cursor_key: to, before_key: max(meta.get(before_key, 0), to)})
+
+
+def _folded(
+    conn: sqlite3.Connection, level: str, lo: int, hi: int, before: int, deleted: int, began: float
+) -> Step:
+    """The step that folded ``[lo, hi)`` at ``level``, begun at ``began`` (``perf_counter``)."""
+    return Step(
+        level,
+        from_epoch(lo),
+        from_epoch(hi),
+        before,
+        _count(conn, lo, hi),
+        deleted,
+        time.perf_counter() - began,
+    )
+
+
 def compact_step(
     store: Store, now: datetime, retention: Retention = _DEFAULT, max_rows: int = MAX_ROWS
 ) -> Step | None:
@@ -220,13 +242,7 @@ def compact_step(
                 ],
             )
             if first is None:  # nothing finer than an hour left before the horizon
-                _set(
-                    conn,
-                    {
-                        MINUTES_CURSOR: target_minutes,
-                        MINUTES_BEFORE: max(meta.get(MINUTES_BEFORE, 0), target_minutes),
-                    },
-                )
+                _advance(conn, meta, MINUTES_CURSOR, MINUTES_BEFORE, target_minutes)
                 return Step("minutes", from_epoch(cursor), from_epoch(target_minutes), 0, 0, 0, 0)
             lo = max(cursor, first // HOUR * HOUR)
             in_day = _count(conn, lo, lo + DAY)
@@ -236,19 +252,8 @@ def compact_step(
             _fold_usage(conn, lo, hi, HOUR)
             refresh_usage_rollups(conn, lo, hi)
             deleted = _delete_samples(conn, lo, hi)
-            _set(
-                conn,
-                {MINUTES_CURSOR: hi, MINUTES_BEFORE: max(meta.get(MINUTES_BEFORE, 0), hi)},
-            )
-            return Step(
-                "minutes",
-                from_epoch(lo),
-                from_epoch(hi),
-                before,
-                _count(conn, lo, hi),
-                deleted,
-                time.perf_counter() - began,
-            )
+            _advance(conn, meta, MINUTES_CURSOR, MINUTES_BEFORE, hi)
+            return _folded(conn, "minutes", lo, hi, before, deleted, began)
         cursor = meta.get(HOURS_CURSOR, 0)
         if cursor >= target_hours:
             return None
@@ -270,13 +275,7 @@ def compact_step(
             ],
         )
         if first is None:
-            _set(
-                conn,
-                {
-                    HOURS_CURSOR: target_hours,
-                    HOURS_BEFORE: max(meta.get(HOURS_BEFORE, 0), target_hours),
-                },
-            )
+            _advance(conn, meta, HOURS_CURSOR, HOURS_BEFORE, target_hours)
             return Step("hours", from_epoch(cursor), from_epoch(target_hours), 0, 0, 0, 0)
         lo = max(cursor, first // DAY * DAY)
         hi = min(target_hours, lo + DAY)
@@ -286,16 +285,8 @@ def compact_step(
         for rollup in (GPU_ROLLUP, INFERENCE_ROLLUP):
             _fold_hourly(conn, rollup, lo, hi)
         deleted = _delete_samples(conn, lo, hi)
-        _set(conn, {HOURS_CURSOR: hi, HOURS_BEFORE: max(meta.get(HOURS_BEFORE, 0), hi)})
-        return Step(
-            "hours",
-            from_epoch(lo),
-            from_epoch(hi),
-            before,
-            _count(conn, lo, hi),
-            deleted,
-            time.perf_counter() - began,
-        )
+        _advance(conn, meta, HOURS_CURSOR, HOURS_BEFORE, hi)
+        return _folded(conn, "hours", lo, hi, before, deleted, began)
 
 
 def compact(
