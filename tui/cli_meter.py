@@ -29,16 +29,6 @@ from tokentop.store.text import clean
 FAILURE = 1
 
 
-def _port(value: str) -> int:
-    try:
-        port = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a port number, got {value!r}") from None
-    if not 0 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"expected a port between 0 and 65535, got {value!r}")
-    return port
-
-
 def _percent(value: str) -> float:
     try:
         number = float(value.rstrip("%"))
@@ -51,6 +41,8 @@ def _percent(value: str) -> float:
 
 def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     """Add the meter's subcommands to the ``tokentop`` parser."""
+    from tokentop.tui import cli_prometheus
+
     proxy = sub.add_parser(
         "proxy",
         parents=[common],
@@ -58,7 +50,9 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
         description="Forward OpenAI and Anthropic API calls, recording each request's cost. "
         "Point the OpenAI SDK at http://HOST:PORT/v1 and the Anthropic SDK at http://HOST:PORT.",
     )
-    proxy.add_argument("--port", type=_port, default=8787, help="port to listen on (0: any)")
+    proxy.add_argument(
+        "--port", type=cli_prometheus.port_number, default=8787, help="port to listen on (0: any)"
+    )
     proxy.add_argument(
         "--host", default="127.0.0.1", help="address to listen on (default: loopback only)"
     )
@@ -72,8 +66,6 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
         help="Anthropic base",
     )
     proxy.add_argument("--tag", default="", help="tag of requests without X-Tokentop-Tag")
-    from tokentop.tui import cli_prometheus
-
     cli_prometheus.add_metrics_options(proxy)
 
     session = sub.add_parser(

@@ -23,7 +23,8 @@ from typing import Any
 from tokentop.store.text import clean
 
 
-def _port(value: str) -> int:
+def port_number(value: str) -> int:
+    """An argparse type: a TCP port, 0 (any free port) to 65535."""
     try:
         port = int(value)
     except ValueError:
@@ -37,7 +38,7 @@ def add_metrics_options(parser: argparse.ArgumentParser) -> None:
     """``--metrics-port`` and ``--metrics-host`` (``collect`` and ``proxy``)."""
     parser.add_argument(
         "--metrics-port",
-        type=_port,
+        type=port_number,
         metavar="PORT",
         help="serve Prometheus metrics on /metrics at this port (0: any free port)",
     )
