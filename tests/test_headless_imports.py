@@ -32,6 +32,20 @@ HEADLESS = (
 )
 
 
+def _python(code: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """``python -c code args`` in the repository, without a startup file or a user config."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONSTARTUP", "TOKENTOP_CONFIG")}
+    return subprocess.run(
+        [sys.executable, "-c", code, *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
 def test_headless_modules_import_without_textual() -> None:
     code = (
         "import sys\n"
@@ -40,16 +54,7 @@ def test_headless_modules_import_without_textual() -> None:
         + "print(bad)\n"
         + "sys.exit(1 if bad else 0)\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONSTARTUP"}
-    result = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = _python(code)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.strip() == "[]"
 
@@ -133,16 +138,7 @@ _MODULES_AFTER_MAIN = (
 
 
 def _run_main(*args: str) -> tuple[int, list[str], str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONSTARTUP", "TOKENTOP_CONFIG")}
-    result = subprocess.run(
-        [sys.executable, "-c", _MODULES_AFTER_MAIN, *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = _python(_MODULES_AFTER_MAIN, *args)
     import json
 
     last = result.stdout.strip().splitlines()[-1]
